@@ -1,0 +1,53 @@
+"""What an evaluator is: a name, a version, what its numbers mean, and a function.
+
+An evaluator takes samples (image + prompt metadata) and returns per-image records plus
+aggregate metrics. It is data plus a function, registered by name in harness.registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    key: str                 # unique within a suite run, e.g. "00012/0003" (prompt index / image index)
+    metadata: dict           # GenEval-format metadata (or dense metadata) of the prompt
+    image: np.ndarray        # [H, W, 3] uint8 RGB
+    prompt_index: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Metric:
+    name: str
+    value: float
+    scale: str = "0-1"
+    higher_is_better: bool = True
+    version: str = "1"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "value": float(self.value), "scale": self.scale,
+                "higher_is_better": self.higher_is_better, "version": self.version}
+
+
+@dataclass
+class EvalResult:
+    records: dict[str, dict] = field(default_factory=dict)   # key -> per-image record (JSON-able)
+    metrics: list[Metric] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    name: str
+    version: str
+    description: str
+    score: Callable[[list[Sample]], dict[str, dict]]          # samples -> per-image records
+    aggregate: Callable[[list[dict]], list[Metric]]          # records -> metrics
+    reward_field: str | None = None                          # record field usable as a scalar reward
+
+    def evaluate(self, samples: list[Sample]) -> EvalResult:
+        records = self.score(samples)
+        return EvalResult(records=records, metrics=self.aggregate(list(records.values())))
