@@ -28,8 +28,14 @@ def make_batch(rng: np.random.Generator, batch_size: int, cond_dropout: float) -
     """(prompts, codes [B, N]) of freshly sampled train-split scenes; dropped prompts are ""."""
     texts, cells = [], []
     for _ in range(batch_size):
-        meta = sample_metadata(rng, "train")
-        cells.append(world.render_cells(scene_for(meta, rng)))
+        while True:
+            meta = sample_metadata(rng, "train")
+            try:
+                scene = scene_for(meta, rng)
+                break
+            except RuntimeError:   # a placement that did not fit in its tries: draw another prompt
+                continue
+        cells.append(world.render_cells(scene))
         texts.append("" if rng.random() < cond_dropout else meta["prompt"])
     return texts, world.encode_cells(np.stack(cells))
 

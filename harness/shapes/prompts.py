@@ -219,6 +219,14 @@ def dense_metadata(rng: np.random.Generator) -> dict:
             holding = sorted(relative_position(scene[k].box, scene[j].box))
             if holding:
                 relations.append([k, holding[int(rng.integers(len(holding)))], j])
+    # keep only relations that a fresh random placement can meet (a 3-object vertical chain may not fit)
+    specs = [(o["class"], o["color"], o.get("size")) for o in objects]
+    while relations:
+        try:
+            place_objects(specs, rng, [tuple(r) for r in relations], tries=20)
+            break
+        except RuntimeError:
+            relations.pop()
     parts = []
     for k, o in enumerate(objects):
         text = with_article(_describe(o))
@@ -238,6 +246,8 @@ DEFAULT_TAG_WEIGHTS = {"single_object": 1.0, "two_object": 1.0, "counting": 1.0,
 
 def sample_metadata(rng: np.random.Generator, split: str = "train", tag_weights: dict | None = None) -> dict:
     """Draw one prompt of the given split, tag chosen by weight, uniform within the tag."""
+    if split not in ("train", "eval"):   # any other value would loop forever on the dense tag
+        raise ValueError(f"unknown split {split!r}; known: 'train', 'eval'")
     weights = tag_weights or DEFAULT_TAG_WEIGHTS
     unknown = set(weights) - set(TAGS)
     if unknown:

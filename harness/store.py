@@ -1,0 +1,356 @@
+"""Results store: one SQLite file holding every evaluation, its per-image records, its
+aggregate metrics and the provenance needed to reproduce it.
+
+Location: the path given to ResultsStore, else $HARNESS_STORE, else ./results/store.sqlite.
+
+Safety: the file runs in WAL mode with a busy timeout, and every write is a single
+BEGIN IMMEDIATE ... COMMIT transaction. Several processes (parallel evaluations) can write at
+once - they queue on the write lock instead of failing with "database is locked" - and a
+process killed mid-write leaves the store exactly as of its last commit. synchronous=NORMAL:
+in WAL mode this never corrupts the file; a power cut may drop only the latest commits, which
+a resumed evaluation redoes. WAL needs a local filesystem (not NFS).
+
+Schema (version 1):
+
+  schema_version(version INTEGER)            one row; lets later code migrate old files
+  evaluations(
+    id INTEGER PRIMARY KEY, created TEXT (UTC ISO),
+    suite TEXT, suite_version TEXT,          benchmark name and its version
+    backbone TEXT, method TEXT, run TEXT, step INTEGER,   what was trained, how, which step
+    checkpoint TEXT, checkpoint_hash TEXT,   path or hub id, and provenance.checkpoint_hash of it
+    seed INTEGER,                            evaluation seed
+    protocol_json TEXT,                      sampler settings, seeds, resolution, images per prompt
+    provenance_json TEXT,                    provenance.collect(): versions, git commit, host, ...
+    status TEXT                              'running' until finish_evaluation, then 'complete')
+  records(evaluation_id, key TEXT, evaluator TEXT, record_json TEXT,
+          PRIMARY KEY(evaluation_id, key, evaluator))
+      one row per scored image; key is e.g. "<prompt id>/<image index>"
+  metrics(evaluation_id, evaluator TEXT, name TEXT, value REAL, scale TEXT,
+          higher_is_better INTEGER, version TEXT, PRIMARY KEY(evaluation_id, evaluator, name))
+      aggregate numbers; value is a finite float, scale says its unit (e.g. "fraction", "percent")
+
+Resuming: begin_evaluation returns the newest 'running' evaluation with the same suite,
+suite_version, checkpoint_hash, seed and protocol, so an interrupted run continues where it
+stopped (existing_keys tells it which images are done). A 'complete' evaluation is frozen.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from harness import provenance as provenance_lib
+
+SCHEMA_VERSION = 1
+DEFAULT_STORE = Path("results") / "store.sqlite"
+BUSY_TIMEOUT_S = 120.0  # how long a writer waits for another writer's transaction
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY,
+    created TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    suite_version TEXT NOT NULL,
+    backbone TEXT,
+    method TEXT,
+    run TEXT,
+    step INTEGER,
+    checkpoint TEXT,
+    checkpoint_hash TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    protocol_json TEXT NOT NULL,
+    provenance_json TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'complete'))
+);
+CREATE INDEX IF NOT EXISTS evaluations_identity
+    ON evaluations (suite, suite_version, checkpoint_hash, seed, status);
+CREATE TABLE IF NOT EXISTS records (
+    evaluation_id INTEGER NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    evaluator TEXT NOT NULL,
+    record_json TEXT NOT NULL,
+    PRIMARY KEY (evaluation_id, key, evaluator)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    evaluation_id INTEGER NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
+    evaluator TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    scale TEXT NOT NULL,
+    higher_is_better INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    PRIMARY KEY (evaluation_id, evaluator, name)
+);
+"""
+
+EVALUATION_COLUMNS = (
+    "id", "created", "suite", "suite_version", "backbone", "method", "run", "step",
+    "checkpoint", "checkpoint_hash", "seed", "protocol_json", "provenance_json", "status",
+)
+METRIC_FIELDS = ("name", "value", "scale", "higher_is_better", "version")
+
+
+def default_store_path() -> Path:
+    return Path(os.environ.get("HARNESS_STORE") or DEFAULT_STORE)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy / torch scalars and arrays show up in records; store them as plain numbers / lists.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store a {type(obj).__name__} as JSON: {obj!r}")
+
+
+def _to_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: no implicit transactions; every write opens BEGIN IMMEDIATE itself.
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    # Switching to WAL needs a moment of exclusive access; when another process is creating the
+    # same file it can report "locked" without waiting, so retry briefly.
+    for attempt in range(100):
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 99:
+                raise
+            time.sleep(0.05)
+    if mode.lower() != "wal":
+        raise RuntimeError(f"results store {path}: could not enable WAL mode (got {mode!r}); "
+                           "put the store on a local filesystem")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _parse_evaluation(row: sqlite3.Row) -> dict:
+    out = {k: row[k] for k in EVALUATION_COLUMNS}
+    out["protocol"] = json.loads(out.pop("protocol_json"))
+    out["provenance"] = json.loads(out.pop("provenance_json"))
+    return out
+
+
+def _check_metric(metric: dict) -> tuple:
+    missing = [f for f in METRIC_FIELDS if f not in metric]
+    if missing:
+        raise ValueError(f"metric {metric.get('name', metric)!r} is missing fields {missing}; "
+                         f"each metric needs {list(METRIC_FIELDS)}")
+    name = metric["name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"metric name must be a non-empty string, got {name!r}")
+    try:
+        value = float(metric["value"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metric {name!r}: value {metric['value']!r} is not a number") from e
+    if math.isnan(value):
+        raise ValueError(f"metric {name!r} is NaN; fix the evaluator instead of storing it")
+    if math.isinf(value):
+        raise ValueError(f"metric {name!r} is infinite ({value}); fix the evaluator instead of storing it")
+    return (name, value, str(metric["scale"]), int(bool(metric["higher_is_better"])), str(metric["version"]))
+
+
+class ResultsStore:
+    """One connection to the store file. Use one per process (or thread); close() when done."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_store_path()
+        self.conn = _connect(self.path)
+        self._init_schema()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it commits, or none of it."""
+        self.conn.execute("BEGIN IMMEDIATE")  # take the write lock now (waits up to the busy timeout)
+        try:
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    def _init_schema(self) -> None:
+        with self._write() as c:
+            # statement by statement: executescript() would commit in the middle of the transaction
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    c.execute(statement)
+            row = c.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"results store {self.path} has schema version {row[0]}, this harness reads "
+                    f"version {SCHEMA_VERSION}; use a matching harness or a new store path")
+
+    # ---- evaluations ------------------------------------------------------------------------
+
+    def begin_evaluation(
+        self,
+        suite: str,
+        suite_version: str,
+        checkpoint: str,
+        seed: int,
+        protocol: dict,
+        *,
+        checkpoint_hash: str | None = None,
+        backbone: str | None = None,
+        method: str | None = None,
+        run: str | None = None,
+        step: int | None = None,
+        provenance: dict | None = None,
+        resume: bool = True,
+    ) -> int:
+        """Start an evaluation (or, with resume, return the unfinished one with the same suite,
+        suite_version, checkpoint_hash, seed and protocol) and return its id.
+        checkpoint_hash defaults to provenance.checkpoint_hash(checkpoint); pass it for hub ids."""
+        if checkpoint_hash is None:
+            checkpoint_hash = provenance_lib.checkpoint_hash(checkpoint)
+        protocol_json = _to_json(protocol)
+        if provenance is None:
+            provenance = provenance_lib.collect()
+        with self._write() as c:
+            if resume:
+                row = c.execute(
+                    "SELECT id FROM evaluations WHERE suite = ? AND suite_version = ? AND "
+                    "checkpoint_hash = ? AND seed = ? AND protocol_json = ? AND status = 'running' "
+                    "ORDER BY id DESC LIMIT 1",
+                    (suite, suite_version, checkpoint_hash, int(seed), protocol_json),
+                ).fetchone()
+                if row is not None:
+                    return int(row[0])
+            cur = c.execute(
+                "INSERT INTO evaluations (created, suite, suite_version, backbone, method, run, step, "
+                "checkpoint, checkpoint_hash, seed, protocol_json, provenance_json, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
+                (_now(), suite, suite_version, backbone, method, run,
+                 None if step is None else int(step), str(checkpoint), checkpoint_hash, int(seed),
+                 protocol_json, _to_json(provenance)),
+            )
+            return int(cur.lastrowid)
+
+    def _require_running(self, c: sqlite3.Connection, eval_id: int) -> None:
+        row = c.execute("SELECT status FROM evaluations WHERE id = ?", (eval_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"results store {self.path}: no evaluation with id {eval_id}")
+        if row[0] != "running":
+            raise ValueError(f"evaluation {eval_id} is {row[0]}; a finished evaluation cannot change "
+                             "(start a new one with begin_evaluation)")
+
+    def finish_evaluation(self, eval_id: int) -> None:
+        with self._write() as c:
+            self._require_running(c, eval_id)
+            c.execute("UPDATE evaluations SET status = 'complete' WHERE id = ?", (eval_id,))
+
+    def get_evaluation(self, eval_id: int) -> dict:
+        """Evaluation row as a dict with protocol and provenance parsed."""
+        row = self.conn.execute("SELECT * FROM evaluations WHERE id = ?", (eval_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"results store {self.path}: no evaluation with id {eval_id}")
+        return _parse_evaluation(row)
+
+    # ---- per-image records ------------------------------------------------------------------
+
+    def add_records(self, eval_id: int, evaluator: str, records: dict[str, Any]) -> int:
+        """Store {key: record} in one transaction (a key already stored is overwritten)."""
+        rows = [(eval_id, str(key), evaluator, _to_json(rec)) for key, rec in records.items()]
+        with self._write() as c:
+            self._require_running(c, eval_id)
+            c.executemany(
+                "INSERT OR REPLACE INTO records (evaluation_id, key, evaluator, record_json) "
+                "VALUES (?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def existing_keys(self, eval_id: int, evaluator: str) -> set[str]:
+        rows = self.conn.execute(
+            "SELECT key FROM records WHERE evaluation_id = ? AND evaluator = ?", (eval_id, evaluator))
+        return {r[0] for r in rows}
+
+    def records_for(self, eval_id: int, evaluator: str) -> dict[str, Any]:
+        rows = self.conn.execute(
+            "SELECT key, record_json FROM records WHERE evaluation_id = ? AND evaluator = ? ORDER BY key",
+            (eval_id, evaluator))
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    # ---- aggregate metrics ------------------------------------------------------------------
+
+    def set_metrics(self, eval_id: int, evaluator: str, metrics: list[dict]) -> None:
+        """Replace this evaluator's metrics for the evaluation. Each metric is a dict with
+        name, value (finite float), scale, higher_is_better, version. NaN/inf raise ValueError."""
+        rows = [(eval_id, evaluator, *_check_metric(m)) for m in metrics]
+        names = [r[2] for r in rows]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluator {evaluator!r} reported a metric name twice: {sorted(names)}")
+        with self._write() as c:
+            self._require_running(c, eval_id)
+            c.execute("DELETE FROM metrics WHERE evaluation_id = ? AND evaluator = ?", (eval_id, evaluator))
+            c.executemany(
+                "INSERT INTO metrics (evaluation_id, evaluator, name, value, scale, higher_is_better, version) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def metrics_frame(self, complete_only: bool = True):
+        """pandas DataFrame, one row per metric, with every evaluation column; protocol and
+        provenance parsed into dict columns. Columns: evaluation_id, created, suite, ..., status,
+        protocol, provenance, evaluator, name, value, scale, higher_is_better (bool), version."""
+        import pandas as pd  # only the leaderboard needs pandas; keep writers light
+
+        where = "WHERE e.status = 'complete'" if complete_only else ""
+        rows = self.conn.execute(
+            "SELECT e.*, m.evaluator, m.name, m.value, m.scale, m.higher_is_better, m.version "
+            f"FROM metrics m JOIN evaluations e ON e.id = m.evaluation_id {where} "
+            "ORDER BY e.id, m.evaluator, m.name").fetchall()
+        out = []
+        for r in rows:
+            d = _parse_evaluation(r)
+            d["evaluation_id"] = d.pop("id")
+            d.update(evaluator=r["evaluator"], name=r["name"], value=float(r["value"]),
+                     scale=r["scale"], higher_is_better=bool(r["higher_is_better"]), version=r["version"])
+            out.append(d)
+        columns = ["evaluation_id", *EVALUATION_COLUMNS[1:-3], "status", "protocol", "provenance",
+                   "evaluator", "name", "value", "scale", "higher_is_better", "version"]
+        return pd.DataFrame(out, columns=columns)
+
+    def latest_metrics(self, suite: str | None = None):
+        """metrics_frame() of complete evaluations, keeping only the newest evaluation for each
+        (suite, suite_version, checkpoint_hash, seed, protocol), i.e. re-runs replace older runs."""
+        frame = self.metrics_frame(complete_only=True)
+        if suite is not None:
+            frame = frame[frame["suite"] == suite]
+        if frame.empty:
+            return frame.reset_index(drop=True)
+        identity = frame["protocol"].map(_to_json)
+        keys = [frame["suite"], frame["suite_version"], frame["checkpoint_hash"], frame["seed"], identity]
+        newest = frame.groupby(keys, dropna=False)["evaluation_id"].transform("max")
+        return frame[frame["evaluation_id"] == newest].reset_index(drop=True)
