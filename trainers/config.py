@@ -1,0 +1,103 @@
+"""The training config: one YAML file, validated; unknown keys are errors naming their path."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from harness.config import Strict
+
+
+class LoraConfig(Strict):
+    r: int = 128
+    alpha: int = 64
+    dropout: float = 0.05
+    targets: list[str] | None = None     # None: the backbone's lora_targets
+
+
+class BackboneConfig(Strict):
+    name: str = "tiny"
+    checkpoint: str | None = None        # tiny: None = the shipped base; mmada / lumina-dimoo: local dir
+    lora: LoraConfig | None = None       # None: train all parameters (tiny); set for 8B models
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+
+
+class SamplerSettings(Strict):
+    preset: str | None = None
+    steps: int = 12
+    cfg: float = 2.0
+    temperature: float = 1.0
+    choice_temperature: float = 2.0
+    noise_anneal: Literal["linear", "cumprod", "constant"] = "linear"
+
+
+class RolloutConfig(Strict):
+    prompts_per_step: int = 8
+    group_size: int = 8                   # G images per prompt
+    split: Literal["train"] = "train"
+    tag_weights: dict[str, float] = Field(default_factory=lambda: {
+        "single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0, "position": 1.0, "color_attr": 1.0})
+    prompt_file: str | None = None        # real backbones: a GenEval-format metadata jsonl of training prompts
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    batch_size: int = 128                 # images per sampler call
+
+
+class MethodConfig(Strict):
+    name: str = "ht-grpo"
+    # shared
+    inner_iterations: int = 4             # K
+    # grpo (UniGRPO-style random remasking)
+    mask_ratio: Literal["uniform", "cosine"] = "uniform"
+    min_mask_ratio: float = 0.1
+    # maskgrpo
+    min_mask_rate: float = 0.6
+    # tracegrpo
+    trace_groups: int = 4                 # rollout steps grouped into this many forward passes
+    # diffu-grpo
+    prompt_mask_prob: float = 0.15
+    # ht-grpo
+    partition: Literal["commit_order", "entropy_low", "entropy_high"] = "commit_order"
+    structure_fraction: float = 0.25
+    estimator: Literal["fully_masked", "hierarchical"] = "fully_masked"
+    credit: Literal["two_level", "soft_entropy", "uniform"] = "two_level"
+    structure_weight: float = 2.0         # w_s
+    n_global: int = 1
+    n_struct: int = 1
+    sample_fraction: float = 0.5          # of the stage's candidate set, per inner iteration
+
+
+class LossConfig(Strict):
+    clip_eps: float = 0.2
+    beta_kl: float = 0.01
+    adv_eps: float = 1e-4
+    micro_batch: int = 0                  # 0: whole batch in one pass; else gradient accumulation chunks
+
+
+class OptimConfig(Strict):
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+class CheckpointConfig(Strict):
+    every: int = 10
+    eval_suite: str | None = "shapes-geneval"
+    eval_store: str | None = None         # None: the default results store
+
+
+class TrainConfig(Strict):
+    name: str = "run"
+    seed: int = 0
+    steps: int = 40
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: dict[str, float] = Field(default_factory=lambda: {"shapes-geneval": 1.0})   # evaluator -> weight
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tensorboard: bool = True

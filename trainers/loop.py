@@ -1,0 +1,372 @@
+"""The one GRPO loop: rollouts -> rewards -> group advantages -> K inner iterations of
+PPO-clipped updates on per-token ratios (minus beta * k3-KL to a reference) -> checkpoints.
+
+Everything random in a step is derived from (seed, step): which prompts, the rollout noise, the
+views of each inner iteration. So a resumed run needs only weights, optimizer, scheduler and the
+step to continue exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluators.base import Sample
+from harness import registry
+from harness.backbones.base import PromptBatch, mask_prompt_tokens, token_logprobs
+from harness.checkpoint import load_weights, save_weights
+from harness.config import dump_config, load_config, read_yaml, validate
+from harness.io import append_jsonl, atomic_write_text, read_jsonl
+from harness.sampling import Rollout, sampler_config, generate
+from harness.shapes.prompts import sample_metadata
+from trainers.config import TrainConfig
+from trainers.methods import Method, RolloutTrace, View
+from trainers.rewards import build_reward, group_advantages
+
+
+def derived_seed(*parts) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+# --- the per-token objective ------------------------------------------------------------------------
+
+def clipped_token_loss(logp, old_logp, ref_logp, adv_token, clip_eps: float, beta: float):
+    """Per-token loss = -(min(rho A, clip(rho) A) - beta * k3), k3 = exp(ref - logp) - (ref - logp) - 1."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * adv_token, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv_token)
+    if beta > 0 and ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+    else:
+        kl = torch.zeros_like(logp)
+    return -(surrogate - beta * kl), ratio, kl
+
+
+# --- state --------------------------------------------------------------------------------------------
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    backbone: object
+    method: Method
+    reward: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    reference: object | None          # frozen module for full fine-tuning; None with LoRA (adapter disabled)
+    sampler: object
+
+    def reference_logprobs(self, prompts, codes, visible):
+        if self.cfg.loss.beta_kl <= 0:
+            return None
+        if self.reference is None:   # LoRA: the base model is the model with the adapter switched off
+            with self.backbone.module.disable_adapter():
+                return token_logprobs(self.backbone, prompts, codes, visible).logp
+        live = self.backbone.module
+        self.backbone.module = self.reference
+        try:
+            return token_logprobs(self.backbone, prompts, codes, visible).logp
+        finally:
+            self.backbone.module = live
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    torch.manual_seed(cfg.seed)
+    load = registry.get("backbones", cfg.backbone.name)
+    backbone = load(cfg.backbone.checkpoint, device=cfg.backbone.device) if cfg.backbone.name == "tiny" else \
+        load(cfg.backbone.checkpoint, device=cfg.backbone.device, dtype=cfg.backbone.dtype)
+    reference = None
+    if cfg.backbone.lora is not None:
+        from harness.backbones.lora import apply_lora
+        apply_lora(backbone, r=cfg.backbone.lora.r, alpha=cfg.backbone.lora.alpha, dropout=cfg.backbone.lora.dropout,
+                   targets=cfg.backbone.lora.targets or list(backbone.lora_targets))
+    elif cfg.loss.beta_kl > 0:
+        reference = copy.deepcopy(backbone.module).eval().requires_grad_(False)
+    if cfg.backbone.gradient_checkpointing and hasattr(backbone.module, "gradient_checkpointing_enable"):
+        backbone.module.gradient_checkpointing_enable()
+    params = [p for p in backbone.module.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    s = cfg.rollout.sampler
+    sampler = sampler_config(s.preset, **({} if s.preset else dict(steps=s.steps, cfg=s.cfg, temperature=s.temperature,
+                                                                    choice_temperature=s.choice_temperature,
+                                                                    noise_anneal=s.noise_anneal)))
+    return Trainer(cfg, backbone, registry.get("methods", cfg.method.name), build_reward(cfg.reward),
+                   optimizer, scheduler, reference, sampler)
+
+
+# --- one step -----------------------------------------------------------------------------------------
+
+def step_prompts(cfg: TrainConfig, step: int) -> list[dict]:
+    """The prompts of a step, a pure function of (seed, step): the data position is the step."""
+    rng = np.random.default_rng([cfg.seed, step, 17])
+    if cfg.rollout.prompt_file:
+        from evaluators.geneval import load_metadata
+        pool = load_metadata(cfg.rollout.prompt_file)
+        return [pool[int(i)] for i in rng.integers(0, len(pool), cfg.rollout.prompts_per_step)]
+    return [sample_metadata(rng, cfg.rollout.split, cfg.rollout.tag_weights) for _ in range(cfg.rollout.prompts_per_step)]
+
+
+def to_samples(backbone, codes: torch.Tensor, metas: list[dict], step: int) -> list[Sample]:
+    images = (backbone.decode(codes).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Sample(key=f"{step}/{i}", metadata=m, image=im, prompt_index=i) for i, (m, im) in enumerate(zip(metas, images))]
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    size = n if size <= 0 else size
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def view_prompts(prompts: PromptBatch, view: View, text_mask_id: int) -> PromptBatch:
+    if view.prompt_mask_prob <= 0:
+        return prompts
+    return mask_prompt_tokens(prompts, view.prompt_mask_prob, text_mask_id, torch.Generator().manual_seed(view.prompt_mask_seed))
+
+
+def train_step(tr: Trainer, step: int) -> dict:
+    cfg, bb = tr.cfg, tr.backbone
+    g = cfg.rollout.group_size
+    t0 = time.time()
+    metas = step_prompts(cfg, step)
+    group_metas = [m for m in metas for _ in range(g)]
+    bb.module.eval()
+    rollout: Rollout = generate(bb, [m["prompt"] for m in group_metas], tr.sampler, seed=derived_seed("rollout", cfg.seed, step),
+                                batch_size=cfg.rollout.batch_size)
+    t_rollout = time.time() - t0
+    rewards, parts = tr.reward(to_samples(bb, rollout.codes, group_metas, step))
+    adv, zero_spread = group_advantages(rewards, g, cfg.loss.adv_eps)
+    adv = adv.to(rollout.codes.device)
+    prompts = bb.tokenize([m["prompt"] for m in group_metas])
+    codes = rollout.codes
+    b = codes.shape[0]
+    mb = chunks(b, cfg.loss.micro_batch)
+
+    trace = RolloutTrace(codes=codes, commit_step=rollout.commit_step, confidence=rollout.confidence, steps=tr.sampler.steps)
+    with torch.no_grad():
+        if tr.method.needs_masked_entropy(cfg.method):
+            none = torch.zeros_like(codes, dtype=torch.bool)
+            trace.masked_entropy = torch.cat([token_logprobs(bb, prompts.select(range(s.start, s.stop)), codes[s], none[s],
+                                                             with_entropy=True).entropy for s in mb])
+        K = cfg.method.inner_iterations
+        views = [tr.method.views(cfg.method, trace, k, torch.Generator().manual_seed(derived_seed("views", cfg.seed, step, k)))
+                 for k in range(K)]
+        # pi_old and pi_ref on exactly the inputs (and micro-batches) the updates will use
+        old, ref = [], []
+        for k in range(K):
+            old.append([]), ref.append([])
+            for v in views[k]:
+                vp = view_prompts(prompts, v, bb.text_mask_id)
+                old[k].append([token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp for s in mb])
+                ref[k].append([tr.reference_logprobs(vp.select(range(s.start, s.stop)), codes[s], v.visible[s]) for s in mb])
+
+    bb.module.train()
+    stats = {"ratio": [], "clip": [], "kl": [], "grad_norm": [], "ratio_first": []}
+    stage_loss: dict[str, list[float]] = {}
+    tokens_seen, t1 = 0, time.time()
+    for k in range(K):
+        tr.optimizer.zero_grad(set_to_none=True)
+        n_tokens = sum(int(v.in_loss.sum()) for v in views[k])
+        total = 0.0
+        for j, v in enumerate(views[k]):
+            vp = view_prompts(prompts, v, bb.text_mask_id)
+            view_loss = 0.0
+            for c, s in enumerate(mb):
+                mask = v.in_loss[s]
+                if not mask.any():
+                    continue
+                logp = token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp
+                adv_tok = adv[s, None] * v.weight[s]
+                per_tok, ratio, kl = clipped_token_loss(logp, old[k][j][c], ref[k][j][c], adv_tok, cfg.loss.clip_eps, cfg.loss.beta_kl)
+                loss = per_tok[mask].sum() / max(n_tokens, 1)
+                loss.backward()
+                view_loss += float(loss.detach())
+                r = ratio[mask].detach()
+                stats["ratio"].append(r)
+                stats["clip"].append(((r < 1 - cfg.loss.clip_eps) | (r > 1 + cfg.loss.clip_eps)).float())
+                stats["kl"].append(kl[mask].detach())
+                if k == 0:
+                    stats["ratio_first"].append(r)
+                tokens_seen += int((s.stop - s.start) * codes.shape[1])
+            stage_loss.setdefault(v.stage, []).append(view_loss)
+            total += view_loss
+        params = [p for p in bb.module.parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+        stats["grad_norm"].append(float(gn))
+        tr.optimizer.step()
+        tr.scheduler.step()
+    t_train = time.time() - t1
+    ratio = torch.cat(stats["ratio"]) if stats["ratio"] else torch.ones(1)
+    first = torch.cat(stats["ratio_first"]) if stats["ratio_first"] else torch.ones(1)
+    out = {
+        "step": step + 1,
+        "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+        "zero_spread_frac": float(zero_spread.float().mean()),
+        "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+        "ratio_first_iter_max_dev": float((first - 1).abs().max()),
+        "clip_frac": float(torch.cat(stats["clip"]).mean()) if stats["clip"] else 0.0,
+        "kl": float(torch.cat(stats["kl"]).mean()) if stats["kl"] else 0.0,
+        "grad_norm": float(np.mean(stats["grad_norm"])),
+        "lr": tr.scheduler.get_last_lr()[0],
+        "rollout_s": t_rollout, "train_s": t_train, "step_s": time.time() - t0,
+        "rollouts_per_s": b / max(t_rollout, 1e-9), "train_tokens_per_s": tokens_seen / max(t_train, 1e-9),
+        "forward_passes_per_update": sum(len(v) for v in views) / K,
+    }
+    for name, v in parts.items():
+        out[f"reward/{name}"] = float(np.mean(v))
+    for stage, losses in stage_loss.items():
+        out[f"loss/{stage}"] = float(np.mean(losses))
+    out["loss"] = float(sum(np.sum(v) for v in stage_loss.values()) / K)
+    return out
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.pt").exists()) if root.exists() else []
+
+
+def trainable_state(tr: Trainer) -> dict[str, torch.Tensor]:
+    if tr.cfg.backbone.lora is not None:
+        from peft import get_peft_model_state_dict
+        return get_peft_model_state_dict(tr.backbone.module)
+    return tr.backbone.module.state_dict()
+
+
+def save_checkpoint(tr: Trainer, run_dir: Path, step: int) -> Path:
+    """Write checkpoints/step_XXXXXX/ atomically: build it in a temp dir, then rename."""
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = run_dir / "checkpoints" / f".tmp_step_{step:06d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"backbone": tr.cfg.backbone.name, "step": str(step), "method": tr.cfg.method.name, "run": str(run_dir)}
+    if tr.cfg.backbone.name == "tiny" and tr.cfg.backbone.lora is None:
+        tr.backbone.save(tmp / "model.safetensors", {"step": step, "method": tr.cfg.method.name})
+    else:
+        save_weights(tmp / "adapter.safetensors", trainable_state(tr), meta)
+    state = {"step": step, "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+    torch.save(state, tmp / "trainer_state.pt")
+    atomic_write_text(tmp / "config.yaml", dump_config(tr.cfg))
+    for f in tmp.iterdir():   # flush file contents before the rename makes the directory visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from the one before") from e
+    if (ckpt / "model.safetensors").exists():
+        weights, _ = load_weights(ckpt / "model.safetensors")
+        tr.backbone.module.load_state_dict(weights)
+    else:
+        from peft import set_peft_model_state_dict
+        weights, _ = load_weights(ckpt / "adapter.safetensors")
+        set_peft_model_state_dict(tr.backbone.module, weights)
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])
+    return int(state["step"])
+
+
+def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path, step: int) -> dict[str, float]:
+    """Score a saved checkpoint with the configured suite into the results store."""
+    suite = tr.cfg.checkpoint.eval_suite
+    if not suite:
+        return {}
+    from evaluators.run import evaluate
+    from evaluators.suites import load_suite
+    from harness.store import ResultsStore
+    with ResultsStore(tr.cfg.checkpoint.eval_store) as store:
+        metrics = evaluate(tr.backbone, load_suite(suite), checkpoint_path=ckpt, store=store, out_root=run_dir / "eval",
+                           batch_size=tr.cfg.rollout.batch_size, progress=False,
+                           run=str(run_dir), method=tr.cfg.method.name, step=step, seed=tr.cfg.seed)
+    return {f"eval/{suite}/{k}": v for k, v in metrics.items()}
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print) -> Path:
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    start = 0
+    if resume:
+        saved = read_yaml(run_dir / "config.yaml")
+        saved["steps"] = cfg.steps
+        cfg = validate(TrainConfig, saved, str(run_dir / "config.yaml"))
+    elif run_dir.exists() and checkpoint_dirs(run_dir):
+        raise FileExistsError(f"{run_dir} already holds checkpoints; use `harness train --resume {run_dir}` "
+                              "or choose another --run-dir")
+    tr = build_trainer(cfg)
+    if resume:
+        ckpts = checkpoint_dirs(run_dir)
+        if ckpts:
+            start = load_checkpoint(tr, ckpts[-1])
+        # drop log lines of steps after the checkpoint (a kill -9 can leave them); they will be redone
+        if metrics_path.exists():
+            kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start]
+            atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        log(f"resuming {run_dir} at step {start}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    writer = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
+    for step in range(start, cfg.steps):
+        m = train_step(tr, step)
+        done = step + 1
+        if done % cfg.checkpoint.every == 0 or done == cfg.steps:
+            ckpt = save_checkpoint(tr, run_dir, done)
+            m.update(score_checkpoint(tr, run_dir, ckpt, done))
+        append_jsonl(metrics_path, m)
+        if writer is not None:
+            for k, v in m.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, done)
+            writer.flush()
+        log(format_metrics(m))
+    if writer is not None:
+        writer.close()
+    return run_dir
+
+
+def format_metrics(m: dict) -> str:
+    keys = ["reward_mean", "reward_std", "zero_spread_frac", "ratio_mean", "ratio_min", "ratio_max", "clip_frac", "kl",
+            "grad_norm", "rollouts_per_s", "step_s"]
+    parts = [f"step {m['step']:4d}"] + [f"{k} {m[k]:.3g}" for k in keys if k in m]
+    parts += [f"{k} {v:.3g}" for k, v in m.items() if k.startswith(("loss/", "eval/")) and isinstance(v, float)]
+    return "  ".join(parts)
+
+
+def cli_train(config: str | None = None, run_dir: str | None = None, steps: int | None = None,
+              resume: str | None = None, overrides: list[str] | None = None, log=print) -> Path:
+    if resume:
+        cfg = validate(TrainConfig, read_yaml(Path(resume) / "config.yaml"), f"{resume}/config.yaml")
+        if steps:
+            cfg.steps = steps
+        return train(cfg, resume, resume=True, log=log)
+    cfg = load_config(TrainConfig, config, overrides or [])
+    if steps:
+        cfg.steps = steps
+    return train(cfg, run_dir or Path("runs") / cfg.name, log=log)
