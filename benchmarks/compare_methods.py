@@ -1,0 +1,121 @@
+"""The method comparison on the tiny default: every method x seed at equal compute, run in parallel
+processes, each final checkpoint scored on the shapes eval split (GenEval judgement + quality and
+diversity statistics). Writes one JSON per run and a summary under --out.
+
+    python benchmarks/compare_methods.py --out runs/compare --steps 60 --seeds 0 1 2 --device cpu --procs 2
+
+Equal compute: every method draws the same rollouts (prompts_per_step x group_size per step, same
+steps) and makes the same number of optimizer updates (inner_iterations per step); forward passes
+per update differ (tracegrpo replays trace_groups passes) and are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import time
+import traceback
+from pathlib import Path
+
+METHODS = ["ht-grpo", "grpo", "maskgrpo", "tracegrpo", "diffu-grpo"]
+
+
+def eval_backbone(bb, seed: int = 1234, min_images_per_tag: int = 48, quality_images: int = 8) -> dict:
+    """shapes-geneval on the eval split (images per prompt raised so each tag has >= min images)
+    and shapes-quality (8 images per prompt, diversity) -- the same rules as the suites."""
+    import torch
+    from evaluators.base import Sample
+    from evaluators.shapes_suites import SHAPES_GENEVAL, SHAPES_QUALITY
+    from harness.sampling import SamplerConfig, generate
+    from harness.shapes.prompts import GENEVAL_TAGS, eval_prompts
+    metas = []
+    for tag in GENEVAL_TAGS:
+        ps = list(eval_prompts(tag))[:16]
+        per = max(4, math.ceil(min_images_per_tag / len(ps)))
+        metas += [m for m in ps for _ in range(per)]
+    qmetas = [m for tag in GENEVAL_TAGS for m in list(eval_prompts(tag))[:2] for _ in range(quality_images)]
+    out = {}
+    for name, ev, ms in (("shapes-geneval", SHAPES_GENEVAL, metas), ("shapes-quality", SHAPES_QUALITY, qmetas)):
+        r = generate(bb, [m["prompt"] for m in ms], SamplerConfig(), seed=seed, batch_size=256)
+        imgs = (bb.decode(r.codes) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        res = ev.evaluate([Sample(key=str(i), metadata=m, image=im) for i, (m, im) in enumerate(zip(ms, imgs))])
+        out.update({m.name: m.value for m in res.metrics})
+        out[f"{name}/n_images"] = len(ms)
+    return out
+
+
+def run_one(job: dict) -> dict:
+    import torch
+    torch.set_num_threads(job["threads"])
+    from trainers.config import TrainConfig
+    from trainers.loop import build_trainer, save_checkpoint, train_step
+    label = job.get("label", job["method"])
+    out_path = Path(job["out"]) / f"{label}_seed{job['seed']}.json"
+    try:
+        overrides = dict(job.get("method_options", {}))
+        cfg = TrainConfig(name=f"{job['method']}_seed{job['seed']}", seed=job["seed"], steps=job["steps"],
+                          backbone={"device": job["device"]}, method={"name": job["method"], **overrides},
+                          rollout={"prompts_per_step": job["prompts"], "group_size": job["group"]},
+                          optim={"lr": job["lr"]}, loss={"beta_kl": job["beta"]}, checkpoint={"eval_suite": None},
+                          tensorboard=False)
+        tr = build_trainer(cfg)
+        log, t0 = [], time.time()
+        for step in range(cfg.steps):
+            log.append(train_step(tr, step))
+            if job["max_seconds"] and time.time() - t0 > job["max_seconds"]:
+                break
+        train_s = time.time() - t0
+        tr.backbone.module.eval()
+        result = {"method": job["method"], "label": label, "seed": job["seed"], "steps_done": len(log), "steps_planned": cfg.steps,
+                  "train_seconds": train_s, "config": cfg.model_dump(mode="json"), "curve": log,
+                  "eval": eval_backbone(tr.backbone)}
+        if job.get("save_checkpoint"):
+            save_checkpoint(tr, Path(job["out"]) / cfg.name, len(log))
+    except Exception:
+        result = {"method": job["method"], "label": label, "seed": job["seed"], "error": traceback.format_exc()}
+    out_path.write_text(json.dumps(result))
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-seconds", type=float, default=0)
+    p.add_argument("--base", action="store_true", help="also score the untrained base")
+    p.add_argument("--variants", default="{}", help='JSON {label: {method options}} extra ht-grpo variants')
+    a = p.parse_args()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    common = dict(out=a.out, steps=a.steps, prompts=a.prompts, group=a.group, lr=a.lr, beta=a.beta, device=a.device,
+                  threads=a.threads, max_seconds=a.max_seconds)
+    jobs = [dict(common, method=m, seed=s) for m in a.methods for s in a.seeds]
+    for label, opts in json.loads(a.variants).items():
+        jobs += [dict(common, method="ht-grpo", seed=s, method_options=opts, label=label) for s in a.seeds]
+    t0 = time.time()
+    if a.base:
+        import torch
+        from harness.backbones.tiny import load_tiny
+        torch.set_num_threads(a.threads)
+        (Path(a.out) / "base.json").write_text(json.dumps({"method": "base", "eval": eval_backbone(load_tiny(device=a.device))}))
+    with mp.get_context("spawn").Pool(a.procs) as pool:
+        results = pool.map(run_one, jobs, chunksize=1)
+    summary = [{k: v for k, v in r.items() if k not in ("curve", "config")} for r in results]
+    (Path(a.out) / "summary.json").write_text(json.dumps({"seconds": time.time() - t0, "args": vars(a), "runs": summary}, indent=1))
+    for r in summary:
+        print(r.get("label"), r.get("seed"), r.get("steps_done"), {k: round(v, 3) for k, v in r.get("eval", {}).items()
+                                                                     if k in ("geneval_overall", "position_spread", "free_color_entropy")},
+              r.get("error", "")[-300:])
+
+
+if __name__ == "__main__":
+    main()
