@@ -117,5 +117,43 @@ def main():
               r.get("error", "")[-300:])
 
 
+
+def render_markdown(result_dir: str | Path) -> str:
+    """Per-tag table (mean ± std over seeds) and quality / diversity table from a comparison's JSON files."""
+    import glob
+    import numpy as np
+    rows: dict[str, list[dict]] = {}
+    steps: dict[str, list[int]] = {}
+    for f in sorted(glob.glob(str(Path(result_dir) / "*.json"))):
+        r = json.loads(Path(f).read_text())
+        if "eval" not in r:
+            continue
+        label = r.get("label", r["method"])
+        rows.setdefault(label, []).append(r["eval"])
+        steps.setdefault(label, []).append(r.get("steps_done") or 0)
+
+    def cell(vals, digits=2):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        return f"{np.mean(vals):.{digits}f}" + (f" ± {np.std(vals, ddof=1):.{digits}f}" if len(vals) > 1 else "")
+
+    tags = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+    out = ["| Method | Seeds | Steps done | Single Obj. | Two Obj. | Counting | Colors | Position | Color Attri. | Overall |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    order = ["base"] + [m for m in METHODS if m in rows] + sorted(k for k in rows if k not in METHODS and k != "base")
+    for label in order:
+        evs = rows[label]
+        st = steps[label]
+        out.append(f"| {label} | {len(evs) if label != 'base' else '–'} | {'–' if label == 'base' else f'{min(st)}-{max(st)}'} | "
+                   + " | ".join(cell([e.get(f'geneval_{t}') for e in evs]) for t in tags)
+                   + f" | **{cell([e.get('geneval_overall') for e in evs])}** |")
+    q = ["stray_cell_fraction", "shape_fidelity", "background_cleanliness", "position_spread", "size_spread", "free_color_entropy"]
+    out += ["", "| Method | " + " | ".join(q) + " |", "|---|" + "---:|" * len(q)]
+    for label in order:
+        out.append(f"| {label} | " + " | ".join(cell([e.get(k) for e in rows[label]], 3) for k in q) + " |")
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
     main()
