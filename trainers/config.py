@@ -22,6 +22,7 @@ class BackboneConfig(Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     device: str = "cpu"
+    options: dict = Field(default_factory=dict)   # passed to the backbone loader (resolution, vq_path, ...)
 
 
 class SamplerSettings(Strict):

@@ -84,8 +84,8 @@ class Trainer:
 def build_trainer(cfg: TrainConfig) -> Trainer:
     torch.manual_seed(cfg.seed)
     load = registry.get("backbones", cfg.backbone.name)
-    backbone = load(cfg.backbone.checkpoint, device=cfg.backbone.device) if cfg.backbone.name == "tiny" else \
-        load(cfg.backbone.checkpoint, device=cfg.backbone.device, dtype=cfg.backbone.dtype)
+    backbone = load(cfg.backbone.checkpoint, device=cfg.backbone.device, **cfg.backbone.options) if cfg.backbone.name == "tiny" \
+        else load(cfg.backbone.checkpoint, device=cfg.backbone.device, dtype=cfg.backbone.dtype, **cfg.backbone.options)
     reference = None
     if cfg.backbone.lora is not None:
         from harness.backbones.lora import apply_lora
@@ -254,8 +254,8 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int) -> Path:
     meta = {"backbone": tr.cfg.backbone.name, "step": str(step), "method": tr.cfg.method.name, "run": str(run_dir)}
     if tr.cfg.backbone.name == "tiny" and tr.cfg.backbone.lora is None:
         tr.backbone.save(tmp / "model.safetensors", {"step": step, "method": tr.cfg.method.name})
-    else:
-        save_weights(tmp / "adapter.safetensors", trainable_state(tr), meta)
+    else:   # the adapter writes its LoRA settings beside the weights so load_mmada(dir, lora=file) can rebuild it
+        tr.backbone.save(tmp / "adapter.safetensors", meta)
     state = {"step": step, "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
     torch.save(state, tmp / "trainer_state.pt")
@@ -300,7 +300,7 @@ def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path, step: int) -> dict[
     with ResultsStore(tr.cfg.checkpoint.eval_store) as store:
         metrics = evaluate(tr.backbone, load_suite(suite), checkpoint_path=ckpt, store=store, out_root=run_dir / "eval",
                            batch_size=tr.cfg.rollout.batch_size, progress=False,
-                           run=str(run_dir), method=tr.cfg.method.name, step=step, seed=tr.cfg.seed)
+                           run=str(run_dir), method=tr.cfg.method.name, step=step)
     return {f"eval/{suite}/{k}": v for k, v in metrics.items()}
 
 

@@ -207,6 +207,8 @@ def load_tiny(checkpoint: str | Path | None = None, device: str = "cpu", **overr
     if checkpoint == "":
         return _to(TinyBackbone(TinyConfig(**overrides)), device)
     path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    if path.is_dir():   # a run checkpoint folder (runs/NAME/checkpoints/step_000010/)
+        path = path / "model.safetensors"
     state, meta = load_weights(path)
     if meta.get("backbone") != "tiny":
         raise ValueError(f"{path} is a {meta.get('backbone')!r} checkpoint, not a tiny one")

@@ -1,0 +1,319 @@
+"""LLaDA-8B, the bidirectional transformer under MMaDA and Lumina-DiMOO, as a plain torch module.
+
+Parameter names are the official checkpoint names (../shared backbones.md §1.1, and the LLaDA
+`LLaDAModelLM` wrapper whose `base_model_prefix` is "model"):
+
+    model.transformer.wte.weight                               [V, d]   token embedding
+    model.transformer.blocks.{i}.attn_norm.weight              [d]      RMSNorm
+    model.transformer.blocks.{i}.{q,k,v}_proj.weight           q: [d, d], k/v: [n_kv_heads * d/n_heads, d]
+    model.transformer.blocks.{i}.attn_out.weight               [d, d]
+    model.transformer.blocks.{i}.ff_norm.weight                [d]
+    model.transformer.blocks.{i}.{ff_proj,up_proj}.weight      [hidden, d]   (ff_proj is the SiLU gate)
+    model.transformer.blocks.{i}.ff_out.weight                 [d, hidden]
+    model.transformer.ln_f.weight                              [d]
+    model.transformer.ff_out.weight                            [V, d]   untied output head
+
+Block: x += attn_out(attention(attn_norm(x))); x += ff_out(silu(ff_proj(h)) * up_proj(h)), h = ff_norm(x).
+RMSNorm and RoPE run in fp32 and cast back, as upstream. RoPE is the rotate-half form over
+positions 0..L-1 of the whole sequence (pads included), as upstream.
+
+Attention is never causal. Padding is handled by a key mask only: every query sees every real
+token. (Upstream builds a causal bias when it gets `attention_mask` without `attention_bias`, the
+pitfall of backbones.md §1.1; this module has no such path.) Pad queries also see all real keys,
+which differs from upstream's all-masked pad rows only at pad positions, whose outputs are unused.
+
+`forward` can return logits for chosen positions and a chosen slice of the head's rows only: an
+image forward needs [B, N, 8192], while the full head would be [B, L, 134k] (0.4-1.1 GB a sample).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from harness.backbones import hub
+
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+@dataclass
+class LLaDAConfig:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_hidden_size: int
+    embedding_size: int                 # rows of wte and of the output head
+    n_kv_heads: int | None = None       # None: = n_heads (LLaDA-8B is plain multi-head)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    include_bias: bool = False
+    include_qkv_bias: bool = False
+    norm_bias: bool = False
+    weight_tying: bool = False
+    max_sequence_length: int = 4096     # informational: RoPE is computed for any length
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"d_model {self.d_model}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads} do not divide")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("RoPE needs an even head size")
+
+    def to_json(self) -> dict:
+        """config.json in LLaDA's own key names."""
+        return {"model_type": "llada", "architectures": ["LLaDAModelLM"],
+                "d_model": self.d_model, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                "n_kv_heads": self.n_kv_heads, "mlp_hidden_size": self.mlp_hidden_size,
+                "vocab_size": self.embedding_size, "embedding_size": self.embedding_size,
+                "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
+                "include_bias": self.include_bias, "include_qkv_bias": self.include_qkv_bias,
+                "bias_for_layer_norm": self.norm_bias, "weight_tying": self.weight_tying,
+                "max_sequence_length": self.max_sequence_length, "block_type": "llama", "block_group_size": 1,
+                "activation_type": "silu", "layer_norm_type": "rms", "rope": True, "rope_full_precision": True,
+                "alibi": False, "scale_logits": False, "input_emb_norm": False, "attention_layer_norm": False}
+
+
+# Config keys: LLaDA's names first, then the HF-Llama-style aliases some re-exports use.
+_ALIASES = {
+    "d_model": ("d_model", "hidden_size"),
+    "n_layers": ("n_layers", "num_hidden_layers"),
+    "n_heads": ("n_heads", "num_attention_heads"),
+    "n_kv_heads": ("n_kv_heads", "num_key_value_heads"),
+    "mlp_hidden_size": ("mlp_hidden_size", "intermediate_size"),
+    # MMaDA resizes the vocabulary to new_vocab_size (134656); the checkpoint's wte shape decides anyway
+    "embedding_size": ("new_vocab_size", "embedding_size", "vocab_size"),
+    "rope_theta": ("rope_theta",),
+    "rms_norm_eps": ("rms_norm_eps", "layer_norm_eps"),
+    "max_sequence_length": ("max_sequence_length", "max_position_embeddings"),
+}
+# Features LLaDA's config can switch on that this module does not implement: (key, allowed values).
+_UNSUPPORTED = {
+    "block_type": (None, "llama"), "block_group_size": (None, 1), "layer_norm_type": (None, "rms"),
+    "activation_type": (None, "silu"), "alibi": (None, False), "rope": (None, True),
+    "scale_logits": (None, False), "input_emb_norm": (None, False), "attention_layer_norm": (None, False),
+    "clip_qkv": (None,), "multi_query_attention": (None, False),
+}
+
+
+def config_from_json(raw: dict, source: str = "config.json") -> LLaDAConfig:
+    """LLaDAConfig from a HF-style config dict, tolerant of key spellings; unsupported features raise."""
+    if "d_model" not in raw and "hidden_size" not in raw:   # some wrappers nest the LLM config one level down
+        nested = [v for v in raw.values() if isinstance(v, dict) and ("d_model" in v or "hidden_size" in v)]
+        if len(nested) == 1:
+            raw = {**raw, **nested[0]}
+
+    def pick(field: str, default=None):
+        for key in _ALIASES[field]:
+            if raw.get(key) is not None:
+                return raw[key]
+        if default is None:
+            raise ValueError(f"{source} has none of the keys {_ALIASES[field]} (needed for {field})")
+        return default
+
+    for key, allowed in _UNSUPPORTED.items():
+        if raw.get(key) not in allowed:
+            raise ValueError(f"{source}: {key}={raw.get(key)!r} is not supported by harness.backbones.llada "
+                             f"(supported: {[a for a in allowed if a is not None]})")
+    d_model = int(pick("d_model"))
+    if any(raw.get(k) is not None for k in _ALIASES["mlp_hidden_size"]):
+        hidden = int(pick("mlp_hidden_size"))
+    elif raw.get("mlp_ratio") is not None:
+        hidden = int(raw["mlp_ratio"] * d_model)
+    else:
+        raise ValueError(f"{source} has neither mlp_hidden_size nor mlp_ratio")
+    include_bias = bool(raw.get("include_bias", False))
+    norm_bias = raw.get("bias_for_layer_norm")
+    return LLaDAConfig(
+        d_model=d_model, n_layers=int(pick("n_layers")), n_heads=int(pick("n_heads")),
+        n_kv_heads=int(pick("n_kv_heads", pick("n_heads"))), mlp_hidden_size=hidden,
+        embedding_size=int(pick("embedding_size")), rope_theta=float(pick("rope_theta", 10000.0)),
+        rms_norm_eps=float(pick("rms_norm_eps", 1e-5)), include_bias=include_bias,
+        include_qkv_bias=bool(raw.get("include_qkv_bias", False)),
+        norm_bias=include_bias if norm_bias is None else bool(norm_bias),
+        weight_tying=bool(raw.get("weight_tying", raw.get("tie_word_embeddings", False))),
+        max_sequence_length=int(pick("max_sequence_length", 4096)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        return self.weight * x + self.bias if self.bias is not None else self.weight * x
+
+
+def rope_tables(length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin [L, head_dim] for positions 0..L-1 (frequencies repeated for both halves)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, hd]; rotate-half RoPE computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, c: LLaDAConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.d_model // c.n_heads
+        kv_dim = c.n_kv_heads * self.head_dim
+        qkv_bias = c.include_bias or c.include_qkv_bias
+        self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps, c.norm_bias)
+        self.q_proj = nn.Linear(c.d_model, c.d_model, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.d_model, kv_dim, bias=qkv_bias)
+        self.attn_out = nn.Linear(c.d_model, c.d_model, bias=c.include_bias)
+        self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps, c.norm_bias)
+        self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=c.include_bias)
+        self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=c.include_bias)
+        self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=c.include_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, length, d = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # key_mask [B, 1, 1, L]: True = may be attended to. No causal mask, ever.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(b, length, d))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class LLaDABody(nn.Module):
+    """Holds `transformer` so the state-dict keys read model.transformer.* under LLaDA."""
+
+    def __init__(self, c: LLaDAConfig):
+        super().__init__()
+        parts = dict(wte=nn.Embedding(c.embedding_size, c.d_model),
+                     blocks=nn.ModuleList(LLaDABlock(c) for _ in range(c.n_layers)),
+                     ln_f=RMSNorm(c.d_model, c.rms_norm_eps, c.norm_bias))
+        if not c.weight_tying:
+            parts["ff_out"] = nn.Linear(c.d_model, c.embedding_size, bias=c.include_bias)
+        self.transformer = nn.ModuleDict(parts)
+
+
+class LLaDA(nn.Module):
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.config = config
+        self.model = LLaDABody(config)
+        self.gradient_checkpointing = False
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "LLaDA":
+        """Random init (replicas and tests); real use loads a checkpoint."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)
+        return self
+
+    def gradient_checkpointing_enable(self, **_) -> None:
+        """Recompute each block in the backward pass (the trainer calls this by name, as on HF models)."""
+        self.gradient_checkpointing = True
+
+    @property
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t = self.model.transformer
+        if self.config.weight_tying:
+            return t.wte.weight, None
+        return t.ff_out.weight, t.ff_out.bias
+
+    def _blocks(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None) -> torch.Tensor:
+        t = self.model.transformer
+        length = input_ids.shape[1]
+        x = t.wte(input_ids)
+        # RoPE tables for any length (upstream extends its cache past max_sequence_length too; DiMOO at
+        # 1024x1024 px runs ~4.2k tokens against LLaDA's 4096)
+        cos, sin = rope_tables(length, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.device)
+        # key_mask [B, L], True on real tokens -> [B, 1, 1, L]; None when nothing is padded
+        mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
+        for blk in t.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, mask)
+        return x
+
+    def hidden_states(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None = None) -> torch.Tensor:
+        """Final hidden states after ln_f, [B, L, d], at every position."""
+        return self.model.transformer.ln_f(self._blocks(input_ids, key_mask))
+
+    def forward(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None = None,
+                positions: torch.LongTensor | None = None, vocab_slice: tuple[int, int] | None = None) -> torch.Tensor:
+        """fp32 logits. `positions` [B, N]: only those rows; `vocab_slice` (start, count): only those head rows.
+
+        The head runs in fp32 (an 8192 x d slice is cheap) so RL log-probs do not carry bf16 logit error.
+        """
+        x = self._blocks(input_ids, key_mask)
+        if positions is not None:
+            x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = self.model.transformer.ln_f(x)
+        weight, bias = self.head
+        if vocab_slice is not None:
+            start, count = vocab_slice
+            if start < 0 or start + count > weight.shape[0]:
+                raise ValueError(f"vocab slice [{start}, {start + count}) is outside the head's {weight.shape[0]} rows")
+            weight = weight[start:start + count]
+            bias = None if bias is None else bias[start:start + count]
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+LAYOUT = "config.json (LLaDA keys: d_model, n_layers, n_heads, mlp_hidden_size, ...) and *.safetensors " \
+         "(or model.safetensors.index.json + shards) with keys model.transformer.*"
+
+
+def load_llada(directory: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+               model_id: str = "LLaDA", layout: str = LAYOUT) -> LLaDA:
+    """Build on the meta device, then assign the checkpoint's tensors (no fp32 copy of 8B weights)."""
+    hub.require_files(directory, ["config.json"], model_id=model_id, layout=layout)
+    config = config_from_json(hub.read_json(directory / "config.json"), str(directory / "config.json"))
+    files = hub.safetensors_files(directory, model_id=model_id, layout=layout)
+    shapes = hub.tensor_shapes(files)
+    # tolerate a checkpoint saved from the inner model (keys transformer.* without the model. prefix)
+    bare = not any(k.startswith("model.") for k in shapes) and any(k.startswith("transformer.") for k in shapes)
+    prefix = "model." if bare else ""
+    wte = shapes.get(("transformer" if bare else "model.transformer") + ".wte.weight")
+    if wte is not None:
+        config.embedding_size = wte[0]   # the checkpoint decides the vocabulary rows
+    with torch.device("meta"):
+        model = LLaDA(config)
+    state = {prefix + k: v for k, v in hub.read_tensors(files, device, dtype).items()}
+    hub.check_state_keys(set(model.state_dict()), set(state), source=directory, hint="model.transformer.wte / "
+                         "blocks.{i}.{attn_norm,q_proj,k_proj,v_proj,attn_out,ff_norm,ff_proj,up_proj,ff_out} / ln_f / ff_out")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device)
+
+
+def write_llada_checkpoint(model: LLaDA, directory: str | Path, extra_config: dict | None = None) -> Path:
+    """config.json + model.safetensors in the official format (used to build tiny replicas)."""
+    from harness.checkpoint import save_weights
+    from harness.io import atomic_write_json
+    directory = Path(directory)
+    atomic_write_json(directory / "config.json", {**model.config.to_json(), **(extra_config or {})})
+    save_weights(directory / "model.safetensors", model.state_dict(), {"format": "pt"})
+    return directory

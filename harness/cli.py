@@ -1,0 +1,431 @@
+"""The `harness` command line: list, validate, pretrain, generate, evaluate, fetch data, train, report.
+
+The only file of harness/ that reaches the other packages, and only through the registry or lazy imports
+inside commands, so `harness --help` starts without torch. Errors are one clean message, no traceback
+(HARNESS_DEBUG=1 shows it): exit code 2 for an unknown name or a wrong usage, 1 for bad input or a failure.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from harness import registry
+
+EXAMPLES = """Examples:
+
+\b
+  harness ls suites
+  harness validate evaluators/suites/shapes-geneval.yaml
+  harness generate --prompt "a photo of a red circle" --out circle.png --n 4 --grid
+  harness eval --suite shapes-geneval,shapes-dpg --checkpoint runs/a/checkpoints/step_000100
+  harness eval --suite all --run runs/a
+  harness data fetch geneval --prompts ../shared/reference/geneval
+  harness train --config configs/tiny/ht_grpo.yaml trainer.lr=1e-5
+"""
+
+app = typer.Typer(help="RL training and text-to-image evaluation of diffusion multimodal LLMs.",
+                  epilog=EXAMPLES, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+data_app = typer.Typer(help="Official benchmark prompt files.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
+
+
+# --- errors and helpers -----------------------------------------------------------------------------------------
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def clean_errors(fn: Callable) -> Callable:
+    """Turn the errors users cause into one message and an exit code instead of a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:
+            if os.environ.get("HARNESS_DEBUG") == "1":
+                raise
+            if isinstance(e, KeyError):            # the registry's unknown name, with its "did you mean"
+                _fail(str(e.args[0]) if e.args else repr(e), 2)
+            if isinstance(e, (ValueError, OSError, ImportError)):
+                _fail(str(e), 1)
+            raise
+    return wrapper
+
+
+def _lazy(module: str, attr: str, what: str):
+    """module.attr, imported now; a clear error when the module (written by others) is not there yet."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            raise ImportError(f"{what} is not available in this checkout ({module} is missing)") from None
+        raise
+    if not hasattr(mod, attr):
+        raise ImportError(f"{what} is not available in this checkout ({module} has no {attr})")
+    return getattr(mod, attr)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _weights_file(backbone: str, checkpoint: str) -> str:
+    """A tiny run checkpoint is a folder holding model.safetensors."""
+    if backbone == "tiny" and checkpoint and Path(checkpoint).is_dir():
+        return str(Path(checkpoint) / "model.safetensors")
+    return checkpoint
+
+
+def load_backbone(name: str, checkpoint: Optional[str], device: str = "cpu"):
+    """Backbone `name` from a checkpoint file or folder; None = its default weights, "" = random (tiny)."""
+    try:
+        loader = registry.get("backbones", name)
+    except ImportError as e:
+        raise ImportError(f"backbone {name!r} is not available in this install ({e})") from None
+    if checkpoint is None:
+        return loader(device=device)
+    return loader(_weights_file(name, checkpoint), device=device)
+
+
+def _progress_bar():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=False)
+
+
+def _progress_callback(bar, label: str):
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(f"{label} {stage}", total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+    return update
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    console = Console()
+    console.print(title, markup=False, highlight=False)
+    console.print(table)
+
+
+# --- ls, validate ----------------------------------------------------------------------------------------------
+
+@app.command("ls")
+@clean_errors
+def ls_cmd(kind: Optional[str] = typer.Argument(None, help="backbones, methods, evaluators or suites (default: all)")):
+    """List registered names.
+
+    Example: harness ls suites
+    """
+    kinds = [kind] if kind else list(registry.KINDS)
+    for k in kinds:
+        names = registry.names(k)
+        typer.echo(f"{k}:")
+        for name in names:
+            typer.echo(f"  {name}{_suite_summary(name) if k == 'suites' else ''}")
+
+
+def _suite_summary(name: str) -> str:
+    from evaluators.suites import load_suite
+    try:
+        s = load_suite(name)
+    except Exception as e:   # a broken suite file must not hide the others
+        return f"  (invalid: {str(e).splitlines()[0]})"
+    return f"  v{s.version}  backbones: {', '.join(s.backbones)}  evaluators: {', '.join(s.evaluators)}"
+
+
+SUITE_KEYS = {"layout", "evaluators", "images_per_prompt", "prompts"}
+
+
+@app.command("validate")
+@clean_errors
+def validate_cmd(config: Path = typer.Argument(..., help="a suite YAML or a training config YAML"),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides")):
+    """Check a suite or training config file; errors name the key path.
+
+    The kind is told by content: a file with layout / evaluators / prompts keys is a suite.
+
+    Example: harness validate evaluators/suites/shapes-geneval.yaml
+    """
+    from harness.config import load_config, read_yaml
+    data = read_yaml(config)
+    if SUITE_KEYS & set(data):
+        from evaluators.suites import images_per_tag_rule, load_suite, prompt_metadata
+        suite = load_suite(config, overrides or [])
+        typer.echo(f"ok: suite {suite.name} v{suite.version} ({suite.layout} layout, "
+                   f"evaluators {', '.join(suite.evaluators)})")
+        try:
+            metadata = prompt_metadata(suite)
+        except FileNotFoundError as e:
+            typer.echo(f"note: prompts not available here: {e}")
+            return
+        per_tag = images_per_tag_rule(suite, metadata)
+        n_images = sum(per_tag[m["tag"]] for m in metadata)
+        typer.echo(f"  {len(metadata)} prompts, {n_images} images; images per prompt by tag: "
+                   + ", ".join(f"{t} {n}" for t, n in per_tag.items()))
+        for name in suite.evaluators:
+            if name not in registry.names("evaluators"):
+                typer.echo(f"note: evaluator {name!r} is not registered in this install; running the suite will fail")
+        return
+    train_config = _lazy("trainers.config", "TrainConfig", "the training config model")
+    load_config(train_config, config, overrides or [])
+    typer.echo(f"ok: training config {config}")
+
+
+# --- pretrain, generate ----------------------------------------------------------------------------------------
+
+@app.command("pretrain")
+@clean_errors
+def pretrain_cmd(out: Path = typer.Option(Path("runs/pretrain/tiny_base.safetensors"), help="weights file to write"),
+                 steps: int = typer.Option(20000), batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
+                 seed: int = typer.Option(0), device: str = typer.Option("auto", help="cpu, cuda or auto"),
+                 workers: int = typer.Option(0, help="data loader worker processes"),
+                 snapshot_every: int = typer.Option(0, help="also save every N steps (0: never)"),
+                 max_minutes: float = typer.Option(0.0, help="stop early (and save) after this long; 0: no limit"),
+                 model: str = typer.Option("{}", help='JSON overrides of TinyConfig, e.g. \'{"d_model": 192}\'')):
+    """Pretrain the tiny backbone on sampled shapes scenes (masked-token objective).
+
+    Example: harness pretrain --steps 2000 --out runs/pretrain/small.safetensors --device cuda
+    """
+    import json
+    from harness.pretrain import pretrain
+    path = pretrain(str(out), steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=_device(device),
+                    workers=workers, snapshot_every=snapshot_every, max_minutes=max_minutes, model=json.loads(model))
+    typer.echo(f"wrote {path}")
+
+
+@app.command("generate")
+@clean_errors
+def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
+                 out: Path = typer.Option(..., help="PNG file to write"),
+                 checkpoint: Optional[str] = typer.Option(
+                     None, help='weights file or run checkpoint folder; default: the shipped base; "" = random init'),
+                 backbone: str = typer.Option("tiny"), seed: int = typer.Option(0),
+                 n: int = typer.Option(1, min=1, help="number of images"),
+                 grid: bool = typer.Option(False, help="with --n > 1: one grid image at --out instead of numbered files"),
+                 steps: Optional[int] = typer.Option(None, help="sampler steps (default: the backbone's)"),
+                 cfg: Optional[float] = typer.Option(None, help="classifier-free guidance weight"),
+                 device: str = typer.Option("auto")):
+    """Draw images for one prompt.
+
+    With --n > 1 it writes numbered files OUT_STEM-000.png, OUT_STEM-001.png, ... beside --out, or with
+    --grid one grid image (rows of ceil(sqrt(n))) at --out. Images depend only on (prompt, seed, index).
+
+    Example: harness generate --prompt "a photo of two red squares" --out sq.png --n 4 --grid --seed 3
+    """
+    import io
+    import math
+
+    from PIL import Image
+
+    from harness.io import atomic_write_bytes
+    from harness.sampling import PRESETS, generate, sampler_config
+
+    bb = load_backbone(backbone, checkpoint, _device(device))
+    overrides = {k: v for k, v in (("steps", steps), ("cfg", cfg)) if v is not None}
+    sampler = sampler_config(backbone if backbone in PRESETS else None, **overrides)
+    rollout = generate(bb, [prompt] * n, sampler, seed=seed)
+    pixels = bb.decode(rollout.codes).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    images = [Image.fromarray(p) for p in pixels]
+
+    def save(image, path: Path) -> Path:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return atomic_write_bytes(path, buffer.getvalue())
+
+    if n == 1:
+        written = [save(images[0], out)]
+    elif grid:
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        w, h = images[0].size
+        sheet = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+        for i, im in enumerate(images):
+            sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+        written = [save(sheet, out)]
+    else:
+        written = [save(im, out.with_name(f"{out.stem}-{i:03d}{out.suffix or '.png'}")) for i, im in enumerate(images)]
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+# --- eval -------------------------------------------------------------------------------------------------------
+
+def _run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    folder = run_dir / "checkpoints"
+    found = []
+    for d in sorted(folder.glob("step_*")) if folder.is_dir() else []:
+        if d.is_dir() and d.name[5:].isdigit():
+            found.append((int(d.name[5:]), d))
+    if not found:
+        raise FileNotFoundError(f"run {run_dir} has no checkpoints/step_*/ folders")
+    return sorted(found)
+
+
+def _run_method(run_dir: Path) -> Optional[str]:
+    """The method name a training run recorded in its config.yaml (method.name), if any."""
+    from harness.config import read_yaml
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    method = read_yaml(path).get("method")
+    return method.get("name") if isinstance(method, dict) else None
+
+
+@app.command("eval")
+@clean_errors
+def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated, or 'all' (every suite of --backbone)"),
+             checkpoint: Optional[str] = typer.Option(None, help="weights file or checkpoint folder"),
+             run: Optional[Path] = typer.Option(None, help="a run folder: evaluates every checkpoints/step_*/"),
+             images: Optional[Path] = typer.Option(None, help="images made elsewhere, in the suite's official layout"),
+             store: Optional[Path] = typer.Option(None, help="results store (default $HARNESS_STORE or results/store.sqlite)"),
+             out: Path = typer.Option(Path("results/images"), help="root of the image folders (the cache)"),
+             backbone: str = typer.Option("tiny"), batch_size: int = typer.Option(32, min=1),
+             device: str = typer.Option("auto")):
+    """Evaluate checkpoints (or a folder of images) on suites; results go to the store.
+
+    Images are cached under OUT/<suite>/<checkpoint-hash[:12]>-v<version>/: a re-run draws and scores only
+    what is missing, and an interrupted run resumes.
+
+    \b
+    Examples:
+      harness eval --suite shapes-geneval --checkpoint runs/a/checkpoints/step_000100
+      harness eval --suite all --run runs/a
+      harness eval --suite geneval --images my_geneval_images/ --backbone mmada
+    """
+    from evaluators.run import evaluate, evaluate_images_dir, resolve_evaluators
+    from evaluators.suites import load_suite, suites_for_backbone
+    from harness.store import ResultsStore
+
+    sources = [x for x in (checkpoint, run, images) if x is not None]
+    if len(sources) != 1:
+        _fail("give exactly one of --checkpoint, --run or --images", 2)
+    registry.target("backbones", backbone)
+    names = suites_for_backbone(backbone) if suite == "all" else [s.strip() for s in suite.split(",") if s.strip()]
+    if not names:
+        _fail(f"no suite applies to backbone {backbone!r}", 2)
+    suites = [load_suite(name) for name in names]      # unknown names fail here, before any work
+    for s in suites:
+        resolve_evaluators(s)                           # so does an evaluator whose backend is missing
+
+    with ResultsStore(store) as results, _progress_bar() as bar:
+        if images is not None:
+            for s in suites:
+                metrics = evaluate_images_dir(images, s, results, batch_size=batch_size,
+                                              progress=_progress_callback(bar, s.name))
+                _print_metrics(f"{s.name} v{s.version}: {images}", metrics)
+            return
+        method = None
+        if run is not None:
+            targets = [(step, str(path), str(run)) for step, path in _run_checkpoints(run)]
+            method = _run_method(run)
+        else:
+            targets = [(None, checkpoint, None)]
+        for step, path, run_name in targets:
+            if not path:
+                _fail("--checkpoint must name a weights file or folder (random weights are not evaluated)", 2)
+            bb = load_backbone(backbone, path, _device(device))
+            for s in suites:
+                metrics = evaluate(bb, s, checkpoint_path=path, store=results, out_root=out, batch_size=batch_size,
+                                   progress=_progress_callback(bar, f"{s.name} {Path(path).name}"),
+                                   run=run_name, step=step, method=method)
+                _print_metrics(f"{s.name} v{s.version}: {path}", metrics)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+@data_app.command("fetch")
+@clean_errors
+def data_fetch_cmd(which: str = typer.Argument(..., help="geneval or dpg"),
+                   prompts: Optional[Path] = typer.Option(None, help="copy this local copy instead of downloading"),
+                   dest: Optional[Path] = typer.Option(None, help="data folder (default $HARNESS_DATA or ./data)")):
+    """Fetch official prompt files at their pinned commits, checked by sha256.
+
+    \b
+    Examples:
+      harness data fetch geneval
+      harness data fetch dpg --prompts ../shared/reference/dpg/prompts
+    """
+    from evaluators.data import fetch
+    for path in fetch(which, dest=dest, prompts=prompts):
+        typer.echo(f"wrote {path}")
+
+
+# --- thin commands over code in trainers/ and leaderboards/ ----------------------------------------------------
+
+@app.command("train")
+@clean_errors
+def train_cmd(config: Path = typer.Option(..., help="training config YAML"),
+              run_dir: Optional[Path] = typer.Option(None, help="where the run writes (default: from the config)"),
+              steps: Optional[int] = typer.Option(None, help="override the number of training steps"),
+              resume: Optional[Path] = typer.Option(None, help="resume this run folder"),
+              overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides")):
+    """Train with an RL method.
+
+    Example: harness train --config configs/tiny/ht_grpo.yaml --steps 50 trainer.lr=1e-5
+    """
+    cli_train = _lazy("trainers.loop", "cli_train", "training")
+    result = cli_train(config=config, run_dir=run_dir, steps=steps, resume=resume, overrides=list(overrides or []))
+    if isinstance(result, int):
+        raise typer.Exit(result)
+    if result is not None:
+        typer.echo(f"run: {result}")
+
+
+@app.command("leaderboard")
+@clean_errors
+def leaderboard_cmd(store: Optional[Path] = typer.Option(None, help="results store (default $HARNESS_STORE)"),
+                    out: Optional[Path] = typer.Option(None, help="file to write (default: print)"),
+                    fmt: str = typer.Option("md", "--format", help="md or html")):
+    """Tables of the store's results.
+
+    Example: harness leaderboard --format html --out report.html
+    """
+    if fmt not in ("md", "html"):
+        _fail(f"--format must be md or html, not {fmt!r}", 2)
+    cli_leaderboard = _lazy("leaderboards.leaderboard", "cli_leaderboard", "the leaderboard")
+    code = cli_leaderboard(store=store, out=out, fmt=fmt)
+    raise typer.Exit(code if isinstance(code, int) else 0)
+
+
+@app.command("check")
+@clean_errors
+def check_cmd(checkpoint: Path = typer.Option(..., help="checkpoint to check"),
+              baseline: Path = typer.Option(..., help="baseline metrics file"),
+              tolerance: Optional[float] = typer.Option(None, help="allowed drop (default: the baseline's)"),
+              update: bool = typer.Option(False, help="write the checkpoint's metrics as the new baseline")):
+    """Regression check of a checkpoint against a baseline; exit code 1 on a regression.
+
+    Example: harness check --checkpoint runs/a/checkpoints/step_000100 --baseline leaderboards/baselines/tiny.json
+    """
+    cli_check = _lazy("leaderboards.check", "cli_check", "the regression check")
+    code = cli_check(checkpoint=checkpoint, baseline=baseline, tolerance=tolerance, update=update)
+    raise typer.Exit(int(code or 0))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

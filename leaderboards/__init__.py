@@ -1,0 +1,1 @@
+"""Leaderboards: tables, HTML report and regression checks built from the results store."""
