@@ -100,9 +100,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
     s = cfg.rollout.sampler
-    sampler = sampler_config(s.preset, **({} if s.preset else dict(steps=s.steps, cfg=s.cfg, temperature=s.temperature,
-                                                                    choice_temperature=s.choice_temperature,
-                                                                    noise_anneal=s.noise_anneal)))
+    # with a preset, only the fields written in the config override it
+    fields = ("steps", "cfg", "temperature", "choice_temperature", "noise_anneal")
+    chosen = [f for f in fields if f in s.model_fields_set] if s.preset else fields
+    sampler = sampler_config(s.preset, **{f: getattr(s, f) for f in chosen})
     return Trainer(cfg, backbone, registry.get("methods", cfg.method.name), build_reward(cfg.reward),
                    optimizer, scheduler, reference, sampler)
 
