@@ -315,9 +315,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         saved = read_yaml(run_dir / "config.yaml")
         saved["steps"] = cfg.steps
         cfg = validate(TrainConfig, saved, str(run_dir / "config.yaml"))
-    elif run_dir.exists() and checkpoint_dirs(run_dir):
-        raise FileExistsError(f"{run_dir} already holds checkpoints; use `harness train --resume {run_dir}` "
-                              "or choose another --run-dir")
+    elif run_dir.exists() and (checkpoint_dirs(run_dir) or metrics_path.exists()):
+        # a run killed before its first checkpoint leaves only metrics.jsonl; a fresh start would append to it
+        raise FileExistsError(f"{run_dir} already holds a run (checkpoints or metrics.jsonl); use "
+                              f"`harness train --resume {run_dir}` or choose another --run-dir")
     tr = build_trainer(cfg)
     if resume:
         ckpts = checkpoint_dirs(run_dir)
