@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from harness.geometry import relative_position  # noqa: F401  (re-exported for callers)
 from harness.shapes.world import COLORS, GRID, MAX_SIZE, MIN_SIZE, SHAPES, Obj, shape_mask
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -31,33 +32,6 @@ def plural(name: str) -> str:
 
 def with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def relative_position(box_a, box_b, margin: float = 0.1) -> set[str]:
-    """GenEval's relation rule: where box A lies relative to box B (boxes are x1, y1, x2, y2; y down).
-
-    The centre offset is shrunk by margin * (size A + size B) on each axis, then divided by the
-    length of the unshrunk offset; a component beyond +-0.5 names a relation.
-    """
-    ca = np.array([(box_a[0] + box_a[2]) / 2, (box_a[1] + box_a[3]) / 2])
-    cb = np.array([(box_b[0] + box_b[2]) / 2, (box_b[1] + box_b[3]) / 2])
-    dim_a = np.array([abs(box_a[2] - box_a[0]), abs(box_a[3] - box_a[1])])
-    dim_b = np.array([abs(box_b[2] - box_b[0]), abs(box_b[3] - box_b[1])])
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - margin * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    out = set()
-    if dx < -0.5:
-        out.add("left of")
-    if dx > 0.5:
-        out.add("right of")
-    if dy < -0.5:
-        out.add("above")
-    if dy > 0.5:
-        out.add("below")
-    return out
 
 
 # --- the six GenEval tags ------------------------------------------------------------------
