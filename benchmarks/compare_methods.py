@@ -54,10 +54,18 @@ def run_one(job: dict) -> dict:
     out_path = Path(job["out"]) / f"{label}_seed{job['seed']}.json"
     try:
         overrides = dict(job.get("method_options", {}))
-        cfg = TrainConfig(name=f"{job['method']}_seed{job['seed']}", seed=job["seed"], steps=job["steps"],
-                          backbone={"device": job["device"]}, method={"name": job["method"], **overrides},
-                          rollout={"prompts_per_step": job["prompts"], "group_size": job["group"]},
-                          optim={"lr": job["lr"]}, loss={"beta_kl": job["beta"]}, checkpoint={"eval_suite": None},
+        # a variant may also set lr, beta, reward ({evaluator: weight}) or method_name besides method options
+        lr, beta = overrides.pop("lr", job["lr"]), overrides.pop("beta", job["beta"])
+        reward = overrides.pop("reward", {"shapes-geneval": 1.0})
+        method_name = overrides.pop("method_name", job["method"])
+        rollout = {"prompts_per_step": job["prompts"], "group_size": job["group"]}
+        if "tag_weights" in overrides:
+            rollout["tag_weights"] = overrides.pop("tag_weights")
+        if "sampler" in overrides:
+            rollout["sampler"] = overrides.pop("sampler")
+        cfg = TrainConfig(name=f"{label}_seed{job['seed']}", seed=job["seed"], steps=job["steps"],
+                          backbone={"device": job["device"]}, method={"name": method_name, **overrides},
+                          rollout=rollout, optim={"lr": lr}, loss={"beta_kl": beta}, reward=reward, checkpoint={"eval_suite": None},
                           tensorboard=False)
         tr = build_trainer(cfg)
         log, t0 = [], time.time()
@@ -81,7 +89,7 @@ def run_one(job: dict) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--methods", nargs="*", default=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--prompts", type=int, default=8)

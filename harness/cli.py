@@ -259,9 +259,10 @@ def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
         cols = math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
         w, h = images[0].size
-        sheet = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+        gap = max(2, w // 32)   # a grey gutter, so white backgrounds of neighbouring images do not merge
+        sheet = Image.new("RGB", (cols * (w + gap) + gap, rows * (h + gap) + gap), (128, 128, 128))
         for i, im in enumerate(images):
-            sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+            sheet.paste(im, (gap + (i % cols) * (w + gap), gap + (i // cols) * (h + gap)))
         written = [save(sheet, out)]
     else:
         written = [save(im, out.with_name(f"{out.stem}-{i:03d}{out.suffix or '.png'}")) for i, im in enumerate(images)]
