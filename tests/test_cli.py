@@ -72,7 +72,7 @@ def test_generate_writes_pngs(tmp_path):
     result = invoke("generate", "--prompt", "a photo of a red circle", "--out", str(tmp_path / "grid.png"),
                     "--checkpoint", "", "--steps", "1", "--n", "3", "--grid", "--device", "cpu")
     with Image.open(tmp_path / "grid.png") as im:
-        assert result.exit_code == 0 and im.size == (512, 512)      # 2 x 2 cells for 3 images
+        assert result.exit_code == 0 and im.size == (3 * 8 + 512, 3 * 8 + 512)   # 2 x 2 cells for 3 images, 8 px gutters
     bad = invoke("generate", "--prompt", "a photo of a unicorn", "--out", str(tmp_path / "u.png"), "--checkpoint", "")
     assert bad.exit_code == 1 and "unicorn" in bad.output and "Traceback" not in bad.output
 
@@ -115,8 +115,8 @@ def test_unknown_names_give_did_you_mean_and_exit_2(tmp_path):
     result = invoke("data", "fetch", "genevl")
     assert result.exit_code == 2 and "Did you mean 'geneval'" in result.output
     # an official suite whose evaluator backend is not installed stops before loading any model
-    result = invoke("eval", "--suite", "geneval", "--checkpoint", "x", "--backbone", "mmada")
-    assert result.exit_code == 2 and "evaluator 'geneval'" in result.output and "not available" in result.output
+    result = invoke("eval", "--suite", "dpg", "--checkpoint", "x", "--backbone", "mmada")
+    assert result.exit_code == 2 and "evaluator 'dpg'" in result.output and "not available" in result.output
 
 
 def test_validate_reports_the_key_path(tmp_path):
