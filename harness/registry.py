@@ -29,6 +29,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "shapes-geneval-partial": "evaluators.shapes_suites:SHAPES_GENEVAL_PARTIAL",
         "shapes-dpg": "evaluators.shapes_suites:SHAPES_DPG",
         "shapes-quality": "evaluators.shapes_suites:SHAPES_QUALITY",
+        "geneval": "evaluators.geneval_official:GENEVAL",
     },
     "suites": {},  # filled from evaluators/suites/*.yaml on first lookup (see evaluators/suites.py)
 }

@@ -1,0 +1,167 @@
+"""GenEval's colour classifier: zero-shot CLIP ViT-L/14 over ten colours (docs: evaluators.md 1.7).
+
+For each object whose colour matters, the image is composited onto a #999999 grey canvas through the instance
+mask (so only the object's own pixels stay), cropped to the object's box, and classified by CLIP against one
+text classifier per class name: for each colour, the three official templates are embedded, each embedding is
+L2-normalised, the three are averaged and the mean is normalised again. Prediction = argmax of 100 * cosine.
+
+The weights are the HF port of OpenAI's CLIP ViT-L/14 (`openai/clip-vit-large-patch14`), read from a local
+folder (argument or $HARNESS_CLIP_DIR); nothing is downloaded. The official scorer uses open_clip's "ViT-L-14"
+with pretrained="openai", the same weights. Its image transform (shortest side to 224 bicubic, centre crop,
+OpenAI mean/std) is reproduced here with PIL, so no torchvision is needed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from evaluators.coco_prompts import COLORS
+
+CLIP_HF_ID = "openai/clip-vit-large-patch14"
+CLIP_DIR_ENV = "HARNESS_CLIP_DIR"
+# GenEval's templates; {classname} is the COCO class, {c} the colour.
+COLOR_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c} {classname}",
+    "a photo of a {c}-colored {classname}",
+    "a photo of a {c} object",
+)
+BACKGROUND_RGB = (0x99, 0x99, 0x99)   # GenEval's bgcolor "#999"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+LOGIT_SCALE = 100.0                   # clip_benchmark's fixed 100 * cos (not the model's learnt logit scale)
+
+
+@dataclass
+class ColorClassifier:
+    """A loaded CLIP model, its tokenizer and the per-class-name text classifiers built so far."""
+    model: Any                          # transformers CLIPModel, eval mode
+    tokenizer: Any                      # CLIPTokenizer from the same folder
+    device: str = "cpu"
+    classifiers: dict[str, torch.Tensor] = field(default_factory=dict)   # class name -> [D, len(COLORS)]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+def clip_dir(path: str | os.PathLike | None = None) -> Path:
+    """The local CLIP folder: `path`, else $HARNESS_CLIP_DIR; FileNotFoundError saying how to get it."""
+    how = (f"download the HF model {CLIP_HF_ID!r} once (e.g. `huggingface-cli download {CLIP_HF_ID} "
+           f"--local-dir DIR`) and pass its folder or set ${CLIP_DIR_ENV}=DIR")
+    raw = path if path is not None else os.environ.get(CLIP_DIR_ENV)
+    if not raw:
+        raise FileNotFoundError(f"no CLIP ViT-L/14 folder given for the GenEval colour classifier: {how}")
+    folder = Path(raw).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"CLIP folder {folder} has no config.json (expected a save of {CLIP_HF_ID!r}): {how}")
+    return folder
+
+
+def load_clip(path: str | os.PathLike | None = None, device: str = "cpu") -> ColorClassifier:
+    """CLIPModel + CLIPTokenizer from a local folder (no network), float32, eval mode."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    folder = clip_dir(path)
+    model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    return ColorClassifier(model=model, tokenizer=tokenizer, device=device)
+
+
+# --- crops ------------------------------------------------------------------------------------------------------
+
+def masked_crop(image: np.ndarray | Image.Image, mask: np.ndarray, bbox) -> Image.Image:
+    """The object's pixels on a #999999 canvas, cropped to its box (PIL rounds the float box, as GenEval's
+    `.crop(bbox[:4])` does). A box that rounds to zero width or height is widened to one pixel so that a
+    degenerate detection cannot stop a whole evaluation."""
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    picture = picture.convert("RGB")
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (picture.height, picture.width):
+        raise ValueError(f"mask shape {mask.shape} does not match the image ({picture.height}, {picture.width})")
+    canvas = Image.new("RGB", picture.size, BACKGROUND_RGB)
+    composite = Image.composite(picture, canvas, Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))
+    x1, y1, x2, y2 = (round(float(v)) for v in bbox[:4])
+    return composite.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))
+
+
+def preprocess(crop: Image.Image, size: int) -> torch.Tensor:
+    """open_clip's OpenAI val transform in PIL: shortest side to `size` (bicubic), centre crop, normalise.
+    Returns [3, size, size] float32."""
+    width, height = crop.size
+    if width <= height:
+        new_size = (size, int(size * height / width))
+    else:
+        new_size = (int(size * width / height), size)
+    resized = crop.convert("RGB").resize(new_size, Image.BICUBIC)
+    left = int(round((resized.width - size) / 2.0))
+    top = int(round((resized.height - size) / 2.0))
+    square = resized.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+# --- embeddings -------------------------------------------------------------------------------------------------
+
+def _features(output: Any) -> torch.Tensor:
+    """get_*_features returns a tensor in transformers 4 and an output with the projected pooler_output in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.no_grad()
+def text_embeddings(clf: ColorClassifier, texts: list[str]) -> torch.Tensor:
+    """L2-normalised CLIP text embeddings [len(texts), D]."""
+    tokens = clf.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(clf.device)
+    features = _features(clf.model.get_text_features(input_ids=tokens["input_ids"],
+                                                     attention_mask=tokens["attention_mask"]))
+    return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
+@torch.no_grad()
+def image_embeddings(clf: ColorClassifier, crops: list[Image.Image]) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings [len(crops), D]; fp16 autocast on CUDA like GenEval's amp=True."""
+    pixels = torch.stack([preprocess(c, clf.image_size) for c in crops]).to(clf.device)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=str(clf.device).startswith("cuda")):
+        features = _features(clf.model.get_image_features(pixel_values=pixels))
+    return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
+def color_classifier(clf: ColorClassifier, classname: str) -> torch.Tensor:
+    """Zero-shot weights [D, len(COLORS)] for one class name, built once and cached on `clf`."""
+    if classname not in clf.classifiers:
+        columns = []
+        for color in COLORS:
+            texts = [t.format(c=color, classname=classname) for t in COLOR_TEMPLATES]
+            mean = text_embeddings(clf, texts).mean(dim=0)
+            columns.append(mean / mean.norm())
+        clf.classifiers[classname] = torch.stack(columns, dim=1)
+    return clf.classifiers[classname]
+
+
+def color_logits(clf: ColorClassifier, classname: str, crops: list[Image.Image]) -> torch.Tensor:
+    """100 * cos(image, colour) for crops of objects of one class: [len(crops), len(COLORS)]."""
+    weights = color_classifier(clf, classname)
+    return LOGIT_SCALE * image_embeddings(clf, crops) @ weights.to(clf.device)
+
+
+def classify_colors(clf: ColorClassifier, image: np.ndarray | Image.Image, detections: list[dict]) -> list[str]:
+    """The colour name of each detection ({"class", "bbox", "mask"}), in order."""
+    by_class: dict[str, list[int]] = {}
+    for i, det in enumerate(detections):
+        by_class.setdefault(det["class"], []).append(i)
+    colors: list[str] = [""] * len(detections)
+    for classname, indices in by_class.items():
+        crops = [masked_crop(image, detections[i]["mask"], detections[i]["bbox"]) for i in indices]
+        best = color_logits(clf, classname, crops).argmax(dim=1).tolist()
+        for i, k in zip(indices, best):
+            colors[i] = COLORS[k]
+    return colors
