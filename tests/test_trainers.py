@@ -87,6 +87,7 @@ def test_build_trainer_makes_tiny_random_model_from_options():
     ["method.name=grpo"], ["method.name=maskgrpo"], ["method.name=tracegrpo"], ["method.name=diffu-grpo"],
     ["method.name=ht-grpo"],
     ["method.name=ht-grpo", "method.estimator=fully_masked"],
+    ["method.name=ht-grpo", "method.estimator=trajectory"],
     ["method.name=ht-grpo", "method.partition=entropy_low", "method.credit=soft_entropy"],
 ], ids=lambda m: ",".join(s.split("=")[1] for s in m))
 def test_ratio_is_one_in_first_inner_iteration(method):
@@ -201,6 +202,23 @@ def test_ht_grpo_candidate_sets_and_visibility(estimator, sample_fraction):
             assert torch.equal(v.visible, s)                     # paint given the sketch
         else:
             assert not v.visible.any()                           # from the fully masked state
+
+
+def test_ht_grpo_trajectory_estimator_replays_the_rollout_within_the_stage():
+    cfg = MethodConfig(n_global=1, n_struct=1, inner_iterations=3, estimator="trajectory", sample_fraction=1.0,
+                       trace_groups=3)
+    tr = fake_trace()
+    s = structure_set(cfg, tr)
+    for k in range(3):
+        views = ht_grpo_views(cfg, tr, k, torch.Generator().manual_seed(k))
+        candidates = {"global": torch.ones_like(s), "structure": s, "refinement": ~s}[ht_stage(cfg, k)]
+        union = torch.zeros_like(s)
+        for v, (start, end) in zip(views, trace_groups(tr.steps, 3)):
+            assert torch.equal(v.visible, tr.commit_step < start)      # the rollout's state before this group
+            assert not (v.in_loss & ((tr.commit_step < start) | (tr.commit_step >= end))).any()
+            assert not (union & v.in_loss).any()
+            union |= v.in_loss
+        assert torch.equal(union, candidates)                           # every candidate scored exactly once
 
 
 def test_two_level_credit_by_hand():

@@ -61,7 +61,7 @@ class MethodConfig(Strict):
     # ht-grpo
     partition: Literal["commit_order", "entropy_low", "entropy_high"] = "commit_order"
     structure_fraction: float = 0.25
-    estimator: Literal["fully_masked", "hierarchical"] = "hierarchical"   # measured: see leaderboards/tiny_methods.md
+    estimator: Literal["fully_masked", "hierarchical", "trajectory"] = "hierarchical"   # measured: see leaderboards/tiny_methods.md
     credit: Literal["two_level", "soft_entropy", "uniform"] = "two_level"
     structure_weight: float = 2.0         # w_s
     n_global: int = 1

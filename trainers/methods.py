@@ -156,11 +156,15 @@ def ht_grpo_views(cfg: MethodConfig, tr: RolloutTrace, k: int, gen: torch.Genera
     stage = ht_stage(cfg, k)
     candidates = {"global": torch.ones_like(structure), "structure": structure, "refinement": ~structure}[stage]
     picked = candidates & (_rand(structure.shape, gen, structure.device) < cfg.sample_fraction)
+    weight = credit_weights(cfg, tr, structure)
+    if cfg.estimator == "trajectory":            # each token in the context it was drawn in (step groups)
+        return [View(visible=tr.commit_step < start, in_loss=picked & (tr.commit_step >= start) & (tr.commit_step < end),
+                     weight=weight, stage=stage) for start, end in trace_groups(tr.steps, cfg.trace_groups)]
     if cfg.estimator == "hierarchical" and stage == "refinement":
         visible = structure                      # paint given the sketch
     else:
         visible = torch.zeros_like(structure)    # from the fully masked state
-    return [View(visible=visible, in_loss=picked, weight=credit_weights(cfg, tr, structure), stage=stage)]
+    return [View(visible=visible, in_loss=picked, weight=weight, stage=stage)]
 
 
 GRPO = Method("grpo", "uniform credit, random remasking with mask ratio ~ U(min, 1) (UniGRPO-style)", grpo_views)
