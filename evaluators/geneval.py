@@ -330,3 +330,14 @@ def aggregate(results: list[dict]) -> dict:
         "frac_correct_prompts": sum(any(v) for v in prompt_outcomes.values()) / len(prompt_outcomes),
         "frac_prompts_all_correct": sum(all(v) for v in prompt_outcomes.values()) / len(prompt_outcomes),
     }
+
+
+def summary_metrics(results: list[dict]) -> list:
+    """summary_scores.py as metrics: overall (mean of tag accuracies), each tag, correct images and prompts."""
+    from evaluators.base import Metric
+    summary = aggregate(results)
+    metrics = [Metric("geneval_overall", summary["overall"])]
+    metrics += [Metric(f"geneval_{tag}", summary["tags"][tag]["accuracy"]) for tag in TAGS if tag in summary["tags"]]
+    metrics += [Metric("geneval_correct_images", summary["frac_correct_images"]),
+                Metric("geneval_correct_prompts", summary["frac_correct_prompts"])]
+    return metrics

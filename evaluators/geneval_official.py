@@ -79,12 +79,7 @@ def aggregate_geneval(records: list[dict]) -> list[Metric]:
     """summary_scores.py: overall (mean of tag accuracies), each tag, correct images and correct prompts."""
     if not records:
         raise ValueError("geneval: no records to aggregate (was the sample list empty?)")
-    summary = geneval.aggregate(records)
-    metrics = [Metric("geneval_overall", summary["overall"])]
-    metrics += [Metric(f"geneval_{tag}", summary["tags"][tag]["accuracy"]) for tag in TAGS if tag in summary["tags"]]
-    metrics += [Metric("geneval_correct_images", summary["frac_correct_images"]),
-                Metric("geneval_correct_prompts", summary["frac_correct_prompts"])]
-    return metrics
+    return geneval.summary_metrics(records)
 
 
 GENEVAL = Evaluator(

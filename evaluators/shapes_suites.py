@@ -79,12 +79,7 @@ def score_geneval(samples: list[Sample]) -> dict[str, dict]:
 
 def aggregate_geneval(records: list[dict]) -> list[Metric]:
     _require(records, "shapes-geneval")
-    summary = geneval.aggregate(records)
-    metrics = [Metric("geneval_overall", summary["overall"])]
-    metrics += [Metric(f"geneval_{tag}", summary["tags"][tag]["accuracy"]) for tag in GENEVAL_TAGS if tag in summary["tags"]]
-    metrics += [Metric("geneval_correct_images", summary["frac_correct_images"]),
-                Metric("geneval_correct_prompts", summary["frac_correct_prompts"])]
-    return metrics
+    return geneval.summary_metrics(records)
 
 
 SHAPES_GENEVAL = Evaluator(
