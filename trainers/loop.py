@@ -10,12 +10,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 from evaluators.base import Sample
 from harness import registry
 from harness.backbones.base import PromptBatch, mask_prompt_tokens, token_logprobs
-from harness.checkpoint import load_weights, save_weights
+from harness.checkpoint import load_weights
 from harness.config import dump_config, load_config, read_yaml, validate
 from harness.io import append_jsonl, atomic_write_text, read_jsonl
 from harness.sampling import Rollout, sampler_config, generate
@@ -237,13 +235,6 @@ def train_step(tr: Trainer, step: int) -> dict:
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.pt").exists()) if root.exists() else []
-
-
-def trainable_state(tr: Trainer) -> dict[str, torch.Tensor]:
-    if tr.cfg.backbone.lora is not None:
-        from peft import get_peft_model_state_dict
-        return get_peft_model_state_dict(tr.backbone.module)
-    return tr.backbone.module.state_dict()
 
 
 def save_checkpoint(tr: Trainer, run_dir: Path, step: int) -> Path:
