@@ -54,18 +54,21 @@ def run_one(job: dict) -> dict:
     out_path = Path(job["out"]) / f"{label}_seed{job['seed']}.json"
     try:
         overrides = dict(job.get("method_options", {}))
-        # a variant may also set lr, beta, reward ({evaluator: weight}) or method_name besides method options
+        # a variant may also set lr, beta, reward ({evaluator: weight}), method_name, tag_weights, sampler, dtype,
+        # optim ({...}) or loss ({...}) besides method options
         lr, beta = overrides.pop("lr", job["lr"]), overrides.pop("beta", job["beta"])
         reward = overrides.pop("reward", {"shapes-geneval": 1.0})
         method_name = overrides.pop("method_name", job["method"])
-        rollout = {"prompts_per_step": job["prompts"], "group_size": job["group"]}
-        if "tag_weights" in overrides:
-            rollout["tag_weights"] = overrides.pop("tag_weights")
-        if "sampler" in overrides:
-            rollout["sampler"] = overrides.pop("sampler")
+        rollout = {"prompts_per_step": job["prompts"], "group_size": job["group"], "dtype": job["rollout_dtype"],
+                   **({"tag_weights": job["tag_weights"]} if job.get("tag_weights") else {})}
+        for key in ("tag_weights", "sampler", "dtype"):
+            if key in overrides:
+                rollout[key] = overrides.pop(key)
+        optim = {"lr": lr, **overrides.pop("optim", {})}
+        loss = {"beta_kl": beta, **overrides.pop("loss", {})}
         cfg = TrainConfig(name=f"{label}_seed{job['seed']}", seed=job["seed"], steps=job["steps"],
                           backbone={"device": job["device"]}, method={"name": method_name, **overrides},
-                          rollout=rollout, optim={"lr": lr}, loss={"beta_kl": beta}, reward=reward, checkpoint={"eval_suite": None},
+                          rollout=rollout, optim=optim, loss=loss, reward=reward, checkpoint={"eval_suite": None},
                           tensorboard=False)
         tr = build_trainer(cfg)
         log, t0 = [], time.time()
@@ -96,6 +99,8 @@ def main():
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--tag-weights", default="{}", help="JSON {tag: weight} for the train prompts (default: uniform)")
+    p.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -105,7 +110,8 @@ def main():
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     common = dict(out=a.out, steps=a.steps, prompts=a.prompts, group=a.group, lr=a.lr, beta=a.beta, device=a.device,
-                  threads=a.threads, max_seconds=a.max_seconds)
+                  threads=a.threads, max_seconds=a.max_seconds, tag_weights=json.loads(a.tag_weights),
+                  rollout_dtype=a.rollout_dtype)
     jobs = [dict(common, method=m, seed=s) for m in a.methods for s in a.seeds]
     for label, opts in json.loads(a.variants).items():
         jobs += [dict(common, method="ht-grpo", seed=s, method_options=opts, label=label) for s in a.seeds]

@@ -97,6 +97,19 @@ def test_ratio_is_one_in_first_inner_iteration(method):
     assert math.isfinite(out["loss"]) and out["grad_norm"] > 0   # the step did train
 
 
+def test_bfloat16_rollouts_keep_the_update_exact_and_reproducible():
+    """Only the sampler runs under autocast: pi_old / pi_ref / pi are float32 recomputations, so the
+    first-iteration ratio is still exactly 1, and the same seed gives the same step."""
+    a = train_step(build_trainer(tiny_config("rollout.dtype=bfloat16")), 0)
+    b = train_step(build_trainer(tiny_config("rollout.dtype=bfloat16")), 0)
+    assert a["ratio_first_iter_max_dev"] == 0.0
+    assert a["loss"] == b["loss"] and a["reward_mean"] == b["reward_mean"]
+    tr = build_trainer(tiny_config("rollout.dtype=bfloat16"))
+    train_step(tr, 0)
+    assert all(p.dtype == torch.float32 for p in tr.backbone.module.parameters())
+    assert torch.get_autocast_dtype("cpu") is not None and not torch.is_autocast_enabled("cpu")   # autocast closed
+
+
 # --- 2. the clipped per-token loss and its gradient, by hand ---------------------------------------------------
 
 def test_clipped_token_loss_matches_hand_derivation():

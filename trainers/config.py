@@ -43,6 +43,9 @@ class RolloutConfig(Strict):
     prompt_file: str | None = None        # real backbones: a GenEval-format metadata jsonl of training prompts
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     batch_size: int = 128                 # images per sampler call
+    # bfloat16 runs the rollout sampler under autocast (~1.7x faster on a CPU with AVX512-BF16); the
+    # ratios, KL and updates stay in float32 and are recomputed, so only the rollouts' noise changes
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class MethodConfig(Strict):

@@ -141,8 +141,9 @@ def train_step(tr: Trainer, step: int) -> dict:
     metas = step_prompts(cfg, step)
     group_metas = [m for m in metas for _ in range(g)]
     bb.module.eval()
-    rollout: Rollout = generate(bb, [m["prompt"] for m in group_metas], tr.sampler, seed=derived_seed("rollout", cfg.seed, step),
-                                batch_size=cfg.rollout.batch_size)
+    with torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=cfg.rollout.dtype == "bfloat16"):
+        rollout: Rollout = generate(bb, [m["prompt"] for m in group_metas], tr.sampler,
+                                    seed=derived_seed("rollout", cfg.seed, step), batch_size=cfg.rollout.batch_size)
     t_rollout = time.time() - t0
     rewards, parts = tr.reward(to_samples(bb, rollout.codes, group_metas, step))
     adv, zero_spread = group_advantages(rewards, g, cfg.loss.adv_eps)
@@ -173,6 +174,7 @@ def train_step(tr: Trainer, step: int) -> dict:
     bb.module.train()
     stats = {"ratio": [], "clip": [], "kl": [], "grad_norm": [], "ratio_first": []}
     stage_loss: dict[str, list[float]] = {}
+    stage_kl: dict[str, list[torch.Tensor]] = {}
     tokens_seen, t1 = 0, time.time()
     for k in range(K):
         tr.optimizer.zero_grad(set_to_none=True)
@@ -195,6 +197,7 @@ def train_step(tr: Trainer, step: int) -> dict:
                 stats["ratio"].append(r)
                 stats["clip"].append(((r < 1 - cfg.loss.clip_eps) | (r > 1 + cfg.loss.clip_eps)).float())
                 stats["kl"].append(kl[mask].detach())
+                stage_kl.setdefault(v.stage, []).append(kl[mask].detach())
                 if k == 0:
                     stats["ratio_first"].append(r)
                 tokens_seen += int((s.stop - s.start) * codes.shape[1])
@@ -226,6 +229,9 @@ def train_step(tr: Trainer, step: int) -> dict:
         out[f"reward/{name}"] = float(np.mean(v))
     for stage, losses in stage_loss.items():
         out[f"loss/{stage}"] = float(np.mean(losses))
+    if len(stage_kl) > 1:
+        for stage, kls in stage_kl.items():
+            out[f"kl/{stage}"] = float(torch.cat(kls).mean())
     out["loss"] = float(sum(np.sum(v) for v in stage_loss.values()) / K)
     return out
 
