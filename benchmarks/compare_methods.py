@@ -107,7 +107,12 @@ def main():
     p.add_argument("--max-seconds", type=float, default=0)
     p.add_argument("--base", action="store_true", help="also score the untrained base")
     p.add_argument("--variants", default="{}", help='JSON {label: {method options}} extra ht-grpo variants')
+    p.add_argument("--render", metavar="PNG", help="do not train: print the tables of --out and draw its curves to PNG")
     a = p.parse_args()
+    if a.render:
+        print(render_markdown(a.out))
+        render_curves(a.out, a.render)
+        return
     Path(a.out).mkdir(parents=True, exist_ok=True)
     common = dict(out=a.out, steps=a.steps, prompts=a.prompts, group=a.group, lr=a.lr, beta=a.beta, device=a.device,
                   threads=a.threads, max_seconds=a.max_seconds, tag_weights=json.loads(a.tag_weights),
@@ -130,6 +135,30 @@ def main():
                                                                      if k in ("geneval_overall", "position_spread", "free_color_entropy")},
               r.get("error", "")[-300:])
 
+
+
+def render_curves(result_dir: str | Path, out_png: str | Path) -> None:
+    """Training curves of a comparison, one line per method (each step's metrics averaged over seeds),
+    drawn by the HTML report's plotter."""
+    import base64
+    import glob
+    import numpy as np
+    from leaderboards.report import CURVE_KEYS, training_curves_png
+    per_label: dict[str, list[list[dict]]] = {}
+    for f in sorted(glob.glob(str(Path(result_dir) / "*.json"))):
+        r = json.loads(Path(f).read_text())
+        if r.get("curve"):
+            per_label.setdefault(r.get("label", r["method"]), []).append(r["curve"])
+    runs = {}
+    for label, curves in per_label.items():
+        n = min(len(c) for c in curves)
+        runs[f"{label} (mean of {len(curves)})"] = [
+            {"step": i + 1, **{k: float(np.mean([c[i][k] for c in curves])) for k in CURVE_KEYS if k in curves[0][i]}}
+            for i in range(n)]
+    png = training_curves_png(runs)
+    if png is None:
+        raise ValueError(f"no training curves in {result_dir}")
+    Path(out_png).write_bytes(base64.b64decode(png))
 
 
 def render_markdown(result_dir: str | Path) -> str:

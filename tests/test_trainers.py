@@ -144,6 +144,26 @@ def test_clipped_token_loss_matches_hand_derivation():
         assert kl[i].item() == pytest.approx(k3, abs=1e-12) and kl[i].item() >= 0
 
 
+def test_kl_max_log_ratio_continues_k3_linearly():
+    """Below c the loss is plain k3; above, k3(c) + (e^c - 1)(d - c): continuous, pull capped at e^c - 1."""
+    c, beta = 2.0, 0.5
+    ref = torch.zeros(5, dtype=torch.float64)
+    logp = torch.tensor([0.5, -1.0, -2.0, -3.0, -8.0], dtype=torch.float64, requires_grad=True)   # d = -logp
+    zero = torch.zeros(5, dtype=torch.float64)
+    loss, _, kl = clipped_token_loss(logp, logp.detach(), ref, zero, 0.2, beta, kl_max_log_ratio=c)
+    loss.sum().backward()
+    plain, _, plain_kl = clipped_token_loss(logp.detach(), logp.detach(), ref, zero, 0.2, beta)
+    for i, lp in enumerate(logp.tolist()):
+        d = -lp
+        if d <= c:
+            assert kl[i].item() == pytest.approx(plain_kl[i].item(), abs=1e-12)
+            assert logp.grad[i].item() == pytest.approx(beta * (1 - math.exp(d)), abs=1e-12)
+        else:
+            assert kl[i].item() == pytest.approx(math.exp(c) - c - 1 + (math.exp(c) - 1) * (d - c), abs=1e-12)
+            assert kl[i].item() < plain_kl[i].item()
+            assert logp.grad[i].item() == pytest.approx(-beta * (math.exp(c) - 1), abs=1e-12)
+
+
 def test_clipped_token_loss_without_kl():
     logp = torch.tensor([-1.0, -0.5], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([-1.0, -1.0], dtype=torch.float64)

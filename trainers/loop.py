@@ -40,13 +40,21 @@ def derived_seed(*parts) -> int:
 
 # --- the per-token objective ------------------------------------------------------------------------
 
-def clipped_token_loss(logp, old_logp, ref_logp, adv_token, clip_eps: float, beta: float):
-    """Per-token loss = -(min(rho A, clip(rho) A) - beta * k3), k3 = exp(ref - logp) - (ref - logp) - 1."""
+def clipped_token_loss(logp, old_logp, ref_logp, adv_token, clip_eps: float, beta: float, kl_max_log_ratio: float | None = None):
+    """Per-token loss = -(min(rho A, clip(rho) A) - beta * k3), k3 = exp(d) - d - 1 with d = ref - logp.
+
+    k3's pull on a token grows as exp(d): one token the policy has pushed far below the reference can
+    dominate a step (and then grad clipping shrinks the whole update). With kl_max_log_ratio = c, k3 is
+    continued linearly beyond d = c, so the pull per token is at most exp(c) - 1 (Huber-style)."""
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.minimum(ratio * adv_token, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv_token)
     if beta > 0 and ref_logp is not None:
         d = ref_logp - logp
-        kl = torch.exp(d) - d - 1
+        if kl_max_log_ratio is None:
+            kl = torch.exp(d) - d - 1
+        else:
+            dc = d.clamp(max=kl_max_log_ratio)
+            kl = torch.exp(dc) - dc - 1 + (torch.exp(dc) - 1) * (d - dc)
     else:
         kl = torch.zeros_like(logp)
     return -(surrogate - beta * kl), ratio, kl
@@ -189,7 +197,8 @@ def train_step(tr: Trainer, step: int) -> dict:
                     continue
                 logp = token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp
                 adv_tok = adv[s, None] * v.weight[s]
-                per_tok, ratio, kl = clipped_token_loss(logp, old[k][j][c], ref[k][j][c], adv_tok, cfg.loss.clip_eps, cfg.loss.beta_kl)
+                per_tok, ratio, kl = clipped_token_loss(logp, old[k][j][c], ref[k][j][c], adv_tok, cfg.loss.clip_eps, cfg.loss.beta_kl,
+                                                        cfg.loss.kl_max_log_ratio)
                 loss = per_tok[mask].sum() / max(n_tokens, 1)
                 loss.backward()
                 view_loss += float(loss.detach())
