@@ -1,6 +1,8 @@
 """Weights on disk: safetensors with string metadata, written atomically, with clear errors."""
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -11,7 +13,19 @@ from harness.io import atomic_write_bytes
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    return atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    data = save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return atomic_write_bytes(path, canonical_header(data))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """safetensors writes its metadata in hash-map order, so the same weights saved twice differ in bytes
+    (and in the hash that keys the eval cache). Rewrite the JSON header with sorted keys; the tensor
+    offsets are relative to the data section, so they stay valid. Padded with spaces to 8 bytes, as
+    the format asks."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data[8 + n:]
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -23,8 +37,6 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         state = load(data)
     except Exception as e:  # safetensors raises its own error types across versions
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
-    import json
-    import struct
     n = struct.unpack("<Q", data[:8])[0]
     metadata = json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
     return state, metadata
