@@ -283,6 +283,13 @@ def _run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _run_checkpoint_step(path: Path) -> Optional[int]:
+    """The step of a run's checkpoint folder (RUN/checkpoints/step_000100 -> 100), else None."""
+    if path.is_dir() and path.parent.name == "checkpoints" and path.name.startswith("step_") and path.name[5:].isdigit():
+        return int(path.name[5:])
+    return None
+
+
 def _run_method(run_dir: Path) -> Optional[str]:
     """The method name a training run recorded in its config.yaml (method.name), if any."""
     from harness.config import read_yaml
@@ -340,6 +347,11 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
         if run is not None:
             targets = [(step, str(path), str(run)) for step, path in _run_checkpoints(run)]
             method = _run_method(run)
+        elif checkpoint and _run_checkpoint_step(Path(checkpoint)) is not None:
+            # one checkpoint of a run: keep its step, run and method, as --run would
+            ckpt = Path(checkpoint)
+            targets = [(_run_checkpoint_step(ckpt), checkpoint, str(ckpt.parent.parent))]
+            method = _run_method(ckpt.parent.parent)
         else:
             targets = [(None, checkpoint, None)]
         for step, path, run_name in targets:
@@ -396,7 +408,7 @@ def train_cmd(config: Path = typer.Option(..., help="training config YAML"),
 @app.command("leaderboard")
 @clean_errors
 def leaderboard_cmd(store: Optional[Path] = typer.Option(None, help="results store (default $HARNESS_STORE)"),
-                    out: Optional[Path] = typer.Option(None, help="file to write (default: print)"),
+                    out: Optional[Path] = typer.Option(None, help="file to write (default: leaderboard.<format> beside the store)"),
                     fmt: str = typer.Option("md", "--format", help="md or html")):
     """Tables of the store's results.
 

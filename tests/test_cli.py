@@ -101,6 +101,14 @@ def test_eval_a_run_folder_stores_every_step(tmp_path):
     # both steps hold the same weights file (step 20 also a trainer state): one image folder, and step 20
     # reuses step 10's scores under its own row
     assert len(list((tmp_path / "images" / "cli-suite").iterdir())) == 1
+    # one checkpoint folder of the run keeps its run, step and method too
+    store2 = tmp_path / "store2.sqlite"
+    result = invoke("eval", "--suite", str(suite), "--checkpoint", str(tmp_path / "runs" / "r1" / "checkpoints" / "step_000020"),
+                    "--store", str(store2), "--out", str(tmp_path / "images"), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    with ResultsStore(store2) as s:
+        rows = s.conn.execute("SELECT run, step, method FROM evaluations").fetchall()
+        assert [tuple(r) for r in rows] == [(run, 20, "ht-grpo")]
 
 
 def test_unknown_names_give_did_you_mean_and_exit_2(tmp_path):
