@@ -110,6 +110,18 @@ def test_bfloat16_rollouts_keep_the_update_exact_and_reproducible():
     assert torch.get_autocast_dtype("cpu") is not None and not torch.is_autocast_enabled("cpu")   # autocast closed
 
 
+def test_warmup_counts_training_steps_not_updates():
+    tr = build_trainer(tiny_config("optim.warmup_steps=3", "optim.lr=0.3", "method.inner_iterations=2"))
+    lrs = []
+    for step in range(4):
+        lrs.append([])
+        for _ in range(2):    # the K updates of one step share one learning rate
+            lrs[-1].append(tr.scheduler.get_last_lr()[0])
+            tr.optimizer.step()
+            tr.scheduler.step()
+    assert lrs == [[pytest.approx(0.1)] * 2, [pytest.approx(0.2)] * 2, [pytest.approx(0.3)] * 2, [pytest.approx(0.3)] * 2]
+
+
 # --- 2. the clipped per-token loss and its gradient, by hand ---------------------------------------------------
 
 def test_clipped_token_loss_matches_hand_derivation():
@@ -453,6 +465,15 @@ def test_resume_equals_straight_run_and_drops_lines_after_the_checkpoint(tmp_pat
     wa, wb = final_weights(straight, 4), final_weights(resumed, 4)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not torch.equal(wa["head.weight"], final_weights(straight, 2)["head.weight"])
+
+
+def test_kill_between_checkpoint_and_log_line_loses_nothing(tmp_path):
+    run = train(tiny_config("steps=2", "checkpoint.every=1"), tmp_path / "run", log=lambda s: None)
+    lines = read_jsonl(run / "metrics.jsonl")
+    # as if killed after checkpoints/step_000002 was renamed into place, before its line was appended
+    (run / "metrics.jsonl").write_text(json.dumps(lines[0], sort_keys=True) + "\n")
+    train(tiny_config("steps=2"), run, resume=True, log=lambda s: None)
+    assert read_jsonl(run / "metrics.jsonl") == lines
 
 
 def test_corrupt_trainer_state_is_a_clear_error(tmp_path):

@@ -85,7 +85,7 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0                 # training steps (each makes inner_iterations updates) of linear warm-up
 
 
 class CheckpointConfig(Strict):

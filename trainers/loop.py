@@ -104,7 +104,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     params = [p for p in backbone.module.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    # the scheduler ticks once per optimizer update (K per training step); warmup is counted in training steps
+    k = cfg.method.inner_iterations
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u // k + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
     s = cfg.rollout.sampler
     # with a preset, only the fields written in the config override it
     fields = ("steps", "cfg", "temperature", "choice_temperature", "noise_anneal")
@@ -252,8 +254,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.pt").exists()) if root.exists() else []
 
 
-def save_checkpoint(tr: Trainer, run_dir: Path, step: int) -> Path:
-    """Write checkpoints/step_XXXXXX/ atomically: build it in a temp dir, then rename."""
+def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None = None) -> Path:
+    """Write checkpoints/step_XXXXXX/ atomically: build it in a temp dir, then rename. `log_line` (the step's
+    metrics) is kept beside the weights, so a kill before it reaches metrics.jsonl loses nothing."""
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = run_dir / "checkpoints" / f".tmp_step_{step:06d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -267,6 +270,8 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int) -> Path:
              "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
     torch.save(state, tmp / "trainer_state.pt")
     atomic_write_text(tmp / "config.yaml", dump_config(tr.cfg))
+    if log_line is not None:
+        atomic_write_text(tmp / "metrics.json", json.dumps(log_line, sort_keys=True))
     for f in tmp.iterdir():   # flush file contents before the rename makes the directory visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -331,8 +336,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         if ckpts:
             start = load_checkpoint(tr, ckpts[-1])
         # drop log lines of steps after the checkpoint (a kill -9 can leave them); they will be redone
-        if metrics_path.exists():
-            kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start]
+        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start] if metrics_path.exists() else []
+        # a kill between the checkpoint and its log line: restore the line from the checkpoint, re-score it
+        if ckpts and start and not any(r.get("step") == start for r in kept) and (ckpts[-1] / "metrics.json").exists():
+            line = json.loads((ckpts[-1] / "metrics.json").read_text())
+            line.update(score_checkpoint(tr, run_dir, ckpts[-1], start))
+            kept.append(line)
+        if metrics_path.exists() or kept:
             atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         log(f"resuming {run_dir} at step {start}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +355,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         m = train_step(tr, step)
         done = step + 1
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
-            ckpt = save_checkpoint(tr, run_dir, done)
+            ckpt = save_checkpoint(tr, run_dir, done, log_line=m)
             m.update(score_checkpoint(tr, run_dir, ckpt, done))
         append_jsonl(metrics_path, m)
         if writer is not None:
