@@ -122,6 +122,16 @@ def test_warmup_counts_training_steps_not_updates():
     assert lrs == [[pytest.approx(0.1)] * 2, [pytest.approx(0.2)] * 2, [pytest.approx(0.3)] * 2, [pytest.approx(0.3)] * 2]
 
 
+def test_reward_by_tag_splits_the_mean():
+    cfg = tiny_config("rollout.prompts_per_step=4")
+    out = train_step(build_trainer(cfg), 0)
+    from trainers.loop import step_prompts
+    tags = [m["tag"] for m in step_prompts(cfg, 0)]
+    by_tag = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("reward_by_tag/")}
+    assert set(by_tag) == set(tags)
+    assert sum(by_tag[t] for t in tags) / len(tags) == pytest.approx(out["reward_mean"])
+
+
 # --- 2. the clipped per-token loss and its gradient, by hand ---------------------------------------------------
 
 def test_clipped_token_loss_matches_hand_derivation():

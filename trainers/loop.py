@@ -238,6 +238,8 @@ def train_step(tr: Trainer, step: int) -> dict:
     }
     for name, v in parts.items():
         out[f"reward/{name}"] = float(np.mean(v))
+    for tag in sorted({m.get("tag") for m in group_metas} - {None}):   # which kinds of prompt are learning
+        out[f"reward_by_tag/{tag}"] = float(np.mean([r for r, m in zip(rewards, group_metas) if m.get("tag") == tag]))
     for stage, losses in stage_loss.items():
         out[f"loss/{stage}"] = float(np.mean(losses))
     if len(stage_kl) > 1:
