@@ -75,7 +75,7 @@ class MethodConfig(Strict):
 class LossConfig(Strict):
     clip_eps: float = 0.2
     beta_kl: float = 0.01
-    kl_max_log_ratio: float | None = None   # None: plain k3; c: k3 continued linearly beyond log(ref/pi) = c
+    kl_max_log_ratio: float | None = None   # None: plain k3; c: k3 continued linearly beyond log(ref/pi) = c (c=2 measured worse, tiny_methods.md)
     adv_eps: float = 1e-4
     micro_batch: int = 0                  # 0: whole batch in one pass; else gradient accumulation chunks
 
