@@ -22,10 +22,16 @@ def canonical_header(data: bytes) -> bytes:
     (and in the hash that keys the eval cache). Rewrite the JSON header with sorted keys; the tensor
     offsets are relative to the data section, so they stay valid. Padded with spaces to 8 bytes, as
     the format asks."""
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    n, parsed = read_header(data)
+    header = json.dumps(parsed, sort_keys=True, separators=(",", ":")).encode("utf-8")
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header + data[8 + n:]
+
+
+def read_header(data: bytes) -> tuple[int, dict]:
+    """A safetensors file's JSON header: (its length in bytes, its content)."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return n, json.loads(data[8:8 + n])
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -37,6 +43,5 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         state = load(data)
     except Exception as e:  # safetensors raises its own error types across versions
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
-    n = struct.unpack("<Q", data[:8])[0]
-    metadata = json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+    metadata = read_header(data)[1].get("__metadata__", {}) or {}
     return state, metadata

@@ -276,8 +276,9 @@ def _run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     folder = run_dir / "checkpoints"
     found = []
     for d in sorted(folder.glob("step_*")) if folder.is_dir() else []:
-        if d.is_dir() and d.name[5:].isdigit():
-            found.append((int(d.name[5:]), d))
+        step = _run_checkpoint_step(d)
+        if step is not None:
+            found.append((step, d))
     if not found:
         raise FileNotFoundError(f"run {run_dir} has no checkpoints/step_*/ folders")
     return sorted(found)
@@ -347,11 +348,11 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
         if run is not None:
             targets = [(step, str(path), str(run)) for step, path in _run_checkpoints(run)]
             method = _run_method(run)
-        elif checkpoint and _run_checkpoint_step(Path(checkpoint)) is not None:
+        elif checkpoint and (step := _run_checkpoint_step(Path(checkpoint))) is not None:
             # one checkpoint of a run: keep its step, run and method, as --run would
-            ckpt = Path(checkpoint)
-            targets = [(_run_checkpoint_step(ckpt), checkpoint, str(ckpt.parent.parent))]
-            method = _run_method(ckpt.parent.parent)
+            run_of = Path(checkpoint).parent.parent
+            targets = [(step, checkpoint, str(run_of))]
+            method = _run_method(run_of)
         else:
             targets = [(None, checkpoint, None)]
         for step, path, run_name in targets:

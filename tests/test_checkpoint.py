@@ -1,4 +1,5 @@
 """Weights files: byte-identical for identical weights (the eval cache keys on the file hash), round trip."""
+import pytest
 import torch
 
 from harness.checkpoint import load_weights, save_weights
@@ -26,7 +27,6 @@ def test_different_weights_give_different_bytes(tmp_path):
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):
-    import pytest
     f = save_weights(tmp_path / "w.safetensors", {"w": torch.randn(64)}, {"m": "1"})
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated or corrupt"):

@@ -54,7 +54,8 @@ def clipped_token_loss(logp, old_logp, ref_logp, adv_token, clip_eps: float, bet
             kl = torch.exp(d) - d - 1
         else:
             dc = d.clamp(max=kl_max_log_ratio)
-            kl = torch.exp(dc) - dc - 1 + (torch.exp(dc) - 1) * (d - dc)
+            e = torch.exp(dc)
+            kl = e - dc - 1 + (e - 1) * (d - dc)
     else:
         kl = torch.zeros_like(logp)
     return -(surrogate - beta * kl), ratio, kl
@@ -182,7 +183,7 @@ def train_step(tr: Trainer, step: int) -> dict:
                 ref[k].append([tr.reference_logprobs(vp.select(range(s.start, s.stop)), codes[s], v.visible[s]) for s in mb])
 
     bb.module.train()
-    stats = {"ratio": [], "clip": [], "kl": [], "grad_norm": [], "ratio_first": []}
+    stats = {"ratio": [], "clip": [], "grad_norm": [], "ratio_first": []}
     stage_loss: dict[str, list[float]] = {}
     stage_kl: dict[str, list[torch.Tensor]] = {}
     tokens_seen, t1 = 0, time.time()
@@ -207,7 +208,6 @@ def train_step(tr: Trainer, step: int) -> dict:
                 r = ratio[mask].detach()
                 stats["ratio"].append(r)
                 stats["clip"].append(((r < 1 - cfg.loss.clip_eps) | (r > 1 + cfg.loss.clip_eps)).float())
-                stats["kl"].append(kl[mask].detach())
                 stage_kl.setdefault(v.stage, []).append(kl[mask].detach())
                 if k == 0:
                     stats["ratio_first"].append(r)
@@ -229,7 +229,7 @@ def train_step(tr: Trainer, step: int) -> dict:
         "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
         "ratio_first_iter_max_dev": float((first - 1).abs().max()),
         "clip_frac": float(torch.cat(stats["clip"]).mean()) if stats["clip"] else 0.0,
-        "kl": float(torch.cat(stats["kl"]).mean()) if stats["kl"] else 0.0,
+        "kl": float(torch.cat([t for kls in stage_kl.values() for t in kls]).mean()) if stage_kl else 0.0,
         "grad_norm": float(np.mean(stats["grad_norm"])),
         "lr": tr.scheduler.get_last_lr()[0],
         "rollout_s": t_rollout, "train_s": t_train, "step_s": time.time() - t0,
