@@ -1,6 +1,6 @@
 """Seconds per training step, forward passes per update and rollouts/s for each method (tiny, CPU).
 
-    python benchmarks/train_step.py [--steps 2] [--threads 2] [--rollout-dtype bfloat16]
+    python benchmarks/train_step.py [--steps 2] [--threads 2] [--rollout-dtype bfloat16] [--loss-dtype bfloat16]
 """
 import argparse
 
@@ -17,13 +17,16 @@ def main():
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--loss-dtype", default="float32", choices=["float32", "bfloat16"], help="pi / pi_old / pi_ref passes")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"8 prompts x G=8 rollouts, K=4, 12 sampler steps, {a.threads} threads, rollouts in {a.rollout_dtype}")
+    print(f"8 prompts x G=8 rollouts, K=4, 12 sampler steps, {a.threads} threads, rollouts in {a.rollout_dtype}, "
+          f"updates in {a.loss_dtype}")
     print("| method | s/step | rollout s | update s | forward passes / update | rollouts/s | train tokens/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for m in METHODS:
-        tr = build_trainer(TrainConfig(method={"name": m}, rollout={"dtype": a.rollout_dtype}, checkpoint={"eval_suite": None}, tensorboard=False))
+        tr = build_trainer(TrainConfig(method={"name": m}, rollout={"dtype": a.rollout_dtype},
+                                      loss={"dtype": a.loss_dtype}, checkpoint={"eval_suite": None}, tensorboard=False))
         rows = [train_step(tr, s) for s in range(a.steps)]
         avg = {k: sum(r[k] for r in rows) / len(rows) for k in ("step_s", "rollout_s", "train_s", "forward_passes_per_update",
                                                                  "rollouts_per_s", "train_tokens_per_s")}

@@ -5,6 +5,7 @@ the stencil fit; the judging rules are the official engines' (evaluators/geneval
 
 - shapes-geneval          official GenEval decision per image, results.jsonl records, summary_scores metrics.
 - shapes-geneval-partial  flow_grpo-style partial credit (evaluators.md 1.9) as a dense reward in "score".
+- shapes-fidelity         stencil-fit scores of the objects a prompt asks for, a dense reward beside the strict one.
 - shapes-dpg              DPG question graphs (harness.shapes.questions), exact answers, DPG dependency zeroing.
 - shapes-quality          statistics a reward hacker would move: stray cells, shape fidelity, background, and
                           diversity across the images of one prompt.
@@ -169,6 +170,48 @@ SHAPES_GENEVAL_PARTIAL = Evaluator(
     description="flow_grpo-style partial-credit GenEval reward on the shapes world (count, colour and position "
                 "credits averaged per image); overall = mean over tags.",
     score=score_geneval_partial, aggregate=aggregate_geneval_partial, reward_field="score")
+
+
+# --- shapes-fidelity ---------------------------------------------------------------------------------------------
+
+def fidelity_credit(metadata: dict, detections: list[dict]) -> float:
+    """How well the objects the prompt asks for are drawn, in [0, 1]: per include clause, the `count` best
+    stencil-fit scores among detections of its class (and colour, when the clause names one), a missing
+    object scoring 0; the mean over clauses.
+
+    A dense companion to the strict GenEval reward: the official rules keep a detection only above a score
+    cut-off (0.9 for counting), so a half-drawn shape fails the prompt however close it is. Extra objects do
+    not raise it (only the best `count` are read), so drawing more shapes cannot buy credit."""
+    credits = []
+    for clause in metadata["include"]:
+        scores = sorted((d["score"] for d in detections
+                         if d["class"] == clause["class"] and clause.get("color", d["color"]) == d["color"]), reverse=True)
+        best = scores[:clause["count"]] + [0.0] * max(0, clause["count"] - len(scores))
+        credits.append(float(np.mean(best)))
+    return float(np.mean(credits)) if credits else 0.0
+
+
+def score_fidelity(samples: list[Sample]) -> dict[str, dict]:
+    out = {}
+    for s in samples:
+        _check_geneval_tag(s, "shapes-fidelity")
+        out[s.key] = {"tag": s.metadata["tag"], "prompt": s.metadata["prompt"],
+                      "score": fidelity_credit(s.metadata, _detections(s))}
+    return out
+
+
+def aggregate_fidelity(records: list[dict]) -> list[Metric]:
+    _require(records, "shapes-fidelity")
+    overall, per_tag = _tag_means(records, "score")
+    return [Metric("fidelity_overall", overall)] + [Metric(f"fidelity_{tag}", per_tag[tag]) for tag in GENEVAL_TAGS
+                                                    if tag in per_tag]
+
+
+SHAPES_FIDELITY = Evaluator(
+    name="shapes-fidelity", version="1",
+    description="Dense reward on the shapes world: stencil-fit scores of the objects each GenEval prompt asks "
+                "for (best `count` per clause, colour-matched, missing = 0); overall = mean over tags.",
+    score=score_fidelity, aggregate=aggregate_fidelity, reward_field="score")
 
 
 # --- shapes-dpg --------------------------------------------------------------------------------------------------

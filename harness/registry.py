@@ -27,6 +27,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
     "evaluators": {
         "shapes-geneval": "evaluators.shapes_suites:SHAPES_GENEVAL",
         "shapes-geneval-partial": "evaluators.shapes_suites:SHAPES_GENEVAL_PARTIAL",
+        "shapes-fidelity": "evaluators.shapes_suites:SHAPES_FIDELITY",
         "shapes-dpg": "evaluators.shapes_suites:SHAPES_DPG",
         "shapes-quality": "evaluators.shapes_suites:SHAPES_QUALITY",
         "geneval": "evaluators.geneval_official:GENEVAL",

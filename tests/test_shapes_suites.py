@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from evaluators.base import Evaluator, Sample
-from evaluators.shapes_suites import (SHAPES_DPG, SHAPES_GENEVAL, SHAPES_GENEVAL_PARTIAL, SHAPES_QUALITY,
-                                      partial_credit)
+from evaluators.shapes_suites import (SHAPES_DPG, SHAPES_FIDELITY, SHAPES_GENEVAL, SHAPES_GENEVAL_PARTIAL,
+                                      SHAPES_QUALITY, fidelity_credit, partial_credit)
 from harness import registry
 from harness.shapes.detect import detect
 from harness.shapes.prompts import geneval_metadata
@@ -38,7 +38,7 @@ def metric(result, name: str) -> float:
 
 def test_registry_resolves_the_four_evaluators():
     for name, ev in [("shapes-geneval", SHAPES_GENEVAL), ("shapes-geneval-partial", SHAPES_GENEVAL_PARTIAL),
-                     ("shapes-dpg", SHAPES_DPG), ("shapes-quality", SHAPES_QUALITY)]:
+                     ("shapes-dpg", SHAPES_DPG), ("shapes-quality", SHAPES_QUALITY), ("shapes-fidelity", SHAPES_FIDELITY)]:
         assert registry.get("evaluators", name) is ev
         assert isinstance(ev, Evaluator) and ev.name == name
 
@@ -88,6 +88,28 @@ def test_partial_reward_gives_full_partial_and_zero_credit():
     # position with the relation wrong: counts 1 + 1, position 0
     mirrored = detect(render_cells([Obj("cross", "red", 5, 9, 5), Obj("diamond", "red", 5, 0, 5)]))
     assert partial_credit(CROSS_LEFT_OF_DIAMOND, mirrored)[:2] == (False, pytest.approx(2 / 3))
+
+
+def test_fidelity_reward_reads_the_best_fits_of_the_requested_objects():
+    clean = [Obj("circle", "red", 0, 0, 5), Obj("circle", "blue", 8, 8, 5)]
+    assert fidelity_credit(TWO_CIRCLES, detect(render_cells(clean))) == 1.0
+    # a damaged second circle: credit = mean(1, its fit), strictly between the clean and the missing case
+    broken = render_cells(clean)
+    broken[8, 10] = 0                         # one cell off the blue circle's rim
+    dets = detect(broken)
+    fit = max(d["score"] for d in dets if d["class"] == "circle" and d["color"] == "blue")
+    assert 0 < fit < 1 and fidelity_credit(TWO_CIRCLES, dets) == pytest.approx((1 + fit) / 2)
+    assert fidelity_credit(TWO_CIRCLES, detect(render_cells(clean[:1]))) == 0.5       # one of two missing
+    # extra objects cannot raise it: only the best `count` fits are read
+    three = clean + [Obj("circle", "pink", 0, 9, 5)]
+    assert fidelity_credit(TWO_CIRCLES, detect(render_cells(three))) == 1.0
+    # a clause with a colour counts only objects of that colour
+    result = SHAPES_FIDELITY.evaluate(samples(RED_SQUARE, image(Obj("square", "red", 2, 2, 6)),
+                                              image(Obj("square", "blue", 2, 2, 6)), image()))
+    assert [r["score"] for r in result.records.values()] == [1.0, 0.0, 0.0]
+    assert metric(result, "fidelity_overall") == pytest.approx(1 / 3) and SHAPES_FIDELITY.reward_field == "score"
+    with pytest.raises(ValueError, match="shapes-dpg"):
+        SHAPES_FIDELITY.score(samples(DENSE, image()))
 
 
 def test_dpg_questions_answers_and_dependency_zeroing():

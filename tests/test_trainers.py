@@ -110,6 +110,21 @@ def test_bfloat16_rollouts_keep_the_update_exact_and_reproducible():
     assert torch.get_autocast_dtype("cpu") is not None and not torch.is_autocast_enabled("cpu")   # autocast closed
 
 
+@pytest.mark.parametrize("method", ["grpo", "ht-grpo", "tracegrpo"])
+def test_bfloat16_updates_keep_ratio_one_and_float32_weights(method):
+    """loss.dtype=bfloat16 runs pi, pi_old and pi_ref under autocast: the first-iteration ratio is still exactly
+    1, the weights and optimizer state stay float32, and the step is close to the float32 step."""
+    tr = build_trainer(tiny_config(f"method.name={method}", "loss.dtype=bfloat16"))
+    half = train_step(tr, 0)
+    full = train_step(build_trainer(tiny_config(f"method.name={method}")), 0)
+    assert half["ratio_first_iter_max_dev"] == 0.0 and half["grad_norm"] > 0
+    assert half["reward_mean"] == full["reward_mean"]                  # same rollouts (the sampler is float32 here)
+    assert half["loss"] == pytest.approx(full["loss"], rel=0.1, abs=1e-3) and half["loss"] != full["loss"]
+    assert all(p.dtype == torch.float32 for p in tr.backbone.module.parameters())
+    assert all(v.dtype == torch.float32 for st in tr.optimizer.state.values() for v in st.values() if v.dim() > 0)
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_warmup_counts_training_steps_not_updates():
     tr = build_trainer(tiny_config("optim.warmup_steps=3", "optim.lr=0.3", "method.inner_iterations=2"))
     lrs = []

@@ -78,6 +78,9 @@ class LossConfig(Strict):
     kl_max_log_ratio: float | None = None   # None: plain k3; c: k3 continued linearly beyond log(ref/pi) = c (c=2 measured worse, tiny_methods.md)
     adv_eps: float = 1e-4
     micro_batch: int = 0                  # 0: whole batch in one pass; else gradient accumulation chunks
+    # bfloat16 runs the pi / pi_old / pi_ref forward passes under autocast (weights, optimizer and the loss
+    # arithmetic stay float32); all three at one precision keep the first inner iteration's ratio exactly 1
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class OptimConfig(Strict):

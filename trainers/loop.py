@@ -165,7 +165,9 @@ def train_step(tr: Trainer, step: int) -> dict:
     mb = chunks(b, cfg.loss.micro_batch)
 
     trace = RolloutTrace(codes=codes, commit_step=rollout.commit_step, confidence=rollout.confidence, steps=tr.sampler.steps)
-    with torch.no_grad():
+    # pi_old, pi_ref and pi run at one precision, so the first inner iteration's ratio is still exactly 1
+    amp = lambda: torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=cfg.loss.dtype == "bfloat16")
+    with torch.no_grad(), amp():
         if tr.method.needs_masked_entropy(cfg.method):
             none = torch.zeros_like(codes, dtype=torch.bool)
             trace.masked_entropy = torch.cat([token_logprobs(bb, prompts.select(range(s.start, s.stop)), codes[s], none[s],
@@ -198,7 +200,8 @@ def train_step(tr: Trainer, step: int) -> dict:
                 mask = v.in_loss[s]
                 if not mask.any():
                     continue
-                logp = token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp
+                with amp():
+                    logp = token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp
                 adv_tok = adv[s, None] * v.weight[s]
                 per_tok, ratio, kl = clipped_token_loss(logp, old[k][j][c], ref[k][j][c], adv_tok, cfg.loss.clip_eps, cfg.loss.beta_kl,
                                                         cfg.loss.kl_max_log_ratio)
