@@ -137,6 +137,21 @@ def test_warmup_counts_training_steps_not_updates():
     assert lrs == [[pytest.approx(0.1)] * 2, [pytest.approx(0.2)] * 2, [pytest.approx(0.3)] * 2, [pytest.approx(0.3)] * 2]
 
 
+def test_cosine_schedule_after_warmup_ends_at_min_ratio():
+    tr = build_trainer(tiny_config("steps=5", "optim.warmup_steps=1", "optim.lr=0.2", "optim.schedule=cosine",
+                                   "optim.min_lr_ratio=0.1", "method.inner_iterations=2"))
+    lrs = []
+    for _ in range(5):
+        lrs.append(tr.scheduler.get_last_lr()[0])
+        for _ in range(2):
+            tr.optimizer.step()
+            tr.scheduler.step()
+    # warm-up step 0: 0.2 * 1/1; then cos from 1 at step 1 to 0.1 at step 4 (the last), midpoint 0.55 halfway
+    mid = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3))
+    assert lrs == [pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.2 * mid), pytest.approx(0.2 * (1.1 - mid)),
+                   pytest.approx(0.02)]
+
+
 def test_reward_by_tag_splits_the_mean():
     cfg = tiny_config("rollout.prompts_per_step=4")
     out = train_step(build_trainer(cfg), 0)

@@ -89,6 +89,9 @@ class OptimConfig(Strict):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0                 # training steps (each makes inner_iterations updates) of linear warm-up
+    # after warm-up: constant, or a cosine decay to min_lr_ratio * lr at the last step (steps of the run)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
 
 
 class CheckpointConfig(Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -88,6 +89,18 @@ class Trainer:
             self.backbone.module = live
 
 
+def lr_factor(o, step: int, total_steps: int) -> float:
+    """Multiplier of optim.lr at a training step (0-based): linear warm-up over warmup_steps, then constant or
+    a cosine from 1 down to min_lr_ratio at the last step."""
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - 1 - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
     torch.manual_seed(cfg.seed)
     load = registry.get("backbones", cfg.backbone.name)
@@ -105,9 +118,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     params = [p for p in backbone.module.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    # the scheduler ticks once per optimizer update (K per training step); warmup is counted in training steps
+    # the scheduler ticks once per optimizer update (K per training step); its factor is a function of the step
     k = cfg.method.inner_iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u // k + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(o, u // k, cfg.steps))
     s = cfg.rollout.sampler
     # with a preset, only the fields written in the config override it
     fields = ("steps", "cfg", "temperature", "choice_temperature", "noise_anneal")
