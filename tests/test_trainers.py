@@ -27,7 +27,8 @@ from harness.config import ConfigError, load_config
 from harness.io import read_jsonl
 from harness.sampling import sample, sampler_config
 from trainers.config import MethodConfig, TrainConfig
-from trainers.loop import build_trainer, clipped_token_loss, cli_train, train, train_step, view_prompts
+from trainers.loop import (build_trainer, clipped_token_loss, cli_train, load_checkpoint, save_checkpoint, train, train_step,
+                           view_prompts)
 from trainers.methods import (RolloutTrace, credit_weights, diffu_grpo_views, grpo_views, ht_grpo_views, ht_stage,
                               maskgrpo_ratio, maskgrpo_views, structure_set, trace_groups, tracegrpo_views)
 from trainers.rewards import build_reward, group_advantages
@@ -505,6 +506,35 @@ def test_resume_equals_straight_run_and_drops_lines_after_the_checkpoint(tmp_pat
     wa, wb = final_weights(straight, 4), final_weights(resumed, 4)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not torch.equal(wa["head.weight"], final_weights(straight, 2)["head.weight"])
+
+
+def test_ema_is_the_average_saved_and_scored_and_resume_stays_exact(tmp_path):
+    """optim.ema_decay=d: after each step ema = d * ema + (1 - d) * live; the checkpoint's weights file is the
+    average, the module keeps training its live weights, and a resumed run equals the straight one."""
+    tr = build_trainer(tiny_config("optim.ema_decay=0.5"))
+    start = {n: p.detach().clone() for n, p in tr.trainable().items()}
+    train_step(tr, 0)
+    live = {n: p.detach().clone() for n, p in tr.trainable().items()}
+    assert not torch.equal(live["head.weight"], start["head.weight"])
+    for n in live:
+        assert torch.allclose(tr.ema[n], 0.5 * start[n] + 0.5 * live[n], atol=1e-7), n
+    ckpt = save_checkpoint(tr, tmp_path / "one", 1)
+    saved = load_weights(ckpt / "model.safetensors")[0]
+    assert torch.equal(saved["head.weight"], tr.ema["head.weight"])
+    assert all(torch.equal(p, live[n]) for n, p in tr.trainable().items())       # live weights back in place
+
+    quiet = lambda s: None
+    ema = "optim.ema_decay=0.7"
+    straight = train(tiny_config("steps=4", "checkpoint.every=2", ema), tmp_path / "straight", log=quiet)
+    resumed = train(tiny_config("steps=2", "checkpoint.every=2", ema), tmp_path / "resumed", log=quiet)
+    train(tiny_config("steps=4"), resumed, resume=True, log=quiet)
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [[r[k] for k in COMPARED] for r in a] == [[r[k] for k in COMPARED] for r in b]
+    wa, wb = final_weights(straight, 4), final_weights(resumed, 4)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a checkpoint written with EMA cannot be resumed as if it held live weights
+    with pytest.raises(ValueError, match="ema_decay"):
+        load_checkpoint(build_trainer(tiny_config()), straight / "checkpoints" / "step_000002")
 
 
 def test_kill_between_checkpoint_and_log_line_loses_nothing(tmp_path):

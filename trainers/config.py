@@ -92,6 +92,9 @@ class OptimConfig(Strict):
     # after warm-up: constant, or a cosine decay to min_lr_ratio * lr at the last step (steps of the run)
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
+    # > 0: keep an exponential moving average of the trainable weights (updated once per training step);
+    # checkpoints save and score the average, the live weights travel in trainer_state.pt for resuming
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class CheckpointConfig(Strict):

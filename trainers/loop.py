@@ -7,6 +7,7 @@ step to continue exactly as if it had never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -74,6 +75,34 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     reference: object | None          # frozen module for full fine-tuning; None with LoRA (adapter disabled)
     sampler: object
+    ema: dict[str, torch.Tensor] | None = None   # moving average of the trainable weights (optim.ema_decay > 0)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.backbone.module.named_parameters() if p.requires_grad}
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            d = self.cfg.optim.ema_decay
+            for n, p in self.trainable().items():
+                self.ema[n].lerp_(p.detach(), 1 - d)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """The module holds the EMA weights inside the block (no-op without EMA), its live weights after."""
+        if self.ema is None:
+            yield
+            return
+        params = self.trainable()
+        live = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(live[n])
 
     def reference_logprobs(self, prompts, codes, visible):
         if self.cfg.loss.beta_kl <= 0:
@@ -126,8 +155,11 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     fields = ("steps", "cfg", "temperature", "choice_temperature", "noise_anneal")
     chosen = [f for f in fields if f in s.model_fields_set] if s.preset else fields
     sampler = sampler_config(s.preset, **{f: getattr(s, f) for f in chosen})
-    return Trainer(cfg, backbone, registry.get("methods", cfg.method.name), build_reward(cfg.reward),
-                   optimizer, scheduler, reference, sampler)
+    tr = Trainer(cfg, backbone, registry.get("methods", cfg.method.name), build_reward(cfg.reward),
+                 optimizer, scheduler, reference, sampler)
+    if o.ema_decay > 0:
+        tr.ema = {n: p.detach().clone() for n, p in tr.trainable().items()}
+    return tr
 
 
 # --- one step -----------------------------------------------------------------------------------------
@@ -235,6 +267,7 @@ def train_step(tr: Trainer, step: int) -> dict:
         stats["grad_norm"].append(float(gn))
         tr.optimizer.step()
         tr.scheduler.step()
+    tr.update_ema()
     t_train = time.time() - t1
     ratio = torch.cat(stats["ratio"]) if stats["ratio"] else torch.ones(1)
     first = torch.cat(stats["ratio_first"]) if stats["ratio_first"] else torch.ones(1)
@@ -280,12 +313,16 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"backbone": tr.cfg.backbone.name, "step": str(step), "method": tr.cfg.method.name, "run": str(run_dir)}
-    if tr.cfg.backbone.name == "tiny" and tr.cfg.backbone.lora is None:
-        tr.backbone.save(tmp / "model.safetensors", {"step": step, "method": tr.cfg.method.name})
-    else:   # the adapter writes its LoRA settings beside the weights so load_mmada(dir, lora=file) can rebuild it
-        tr.backbone.save(tmp / "adapter.safetensors", meta)
+    with tr.averaged_weights():   # with EMA the saved model is the average; the live weights go in the state
+        if tr.cfg.backbone.name == "tiny" and tr.cfg.backbone.lora is None:
+            tr.backbone.save(tmp / "model.safetensors", {"step": step, "method": tr.cfg.method.name,
+                                                         **({"ema_decay": tr.cfg.optim.ema_decay} if tr.ema else {})})
+        else:   # the adapter writes its LoRA settings beside the weights so load_mmada(dir, lora=file) can rebuild it
+            tr.backbone.save(tmp / "adapter.safetensors", meta)
     state = {"step": step, "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+    if tr.ema is not None:
+        state["live_weights"] = {n: p.detach().clone() for n, p in tr.trainable().items()}
     torch.save(state, tmp / "trainer_state.pt")
     atomic_write_text(tmp / "config.yaml", dump_config(tr.cfg))
     if log_line is not None:
@@ -311,6 +348,16 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
         from peft import set_peft_model_state_dict
         weights, _ = load_weights(ckpt / "adapter.safetensors")
         set_peft_model_state_dict(tr.backbone.module, weights)
+    if tr.ema is not None:   # the weights file held the average; the live weights are in the state
+        if "live_weights" not in state:
+            raise ValueError(f"checkpoint {ckpt} was written without optim.ema_decay; resume it with the same setting")
+        params = tr.trainable()
+        tr.ema = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["live_weights"][n])
+    elif "live_weights" in state:
+        raise ValueError(f"checkpoint {ckpt} holds EMA weights (optim.ema_decay > 0); resume it with the same setting")
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -327,7 +374,7 @@ def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path, step: int) -> dict[
     from evaluators.run import evaluate
     from evaluators.suites import load_suite
     from harness.store import ResultsStore
-    with ResultsStore(tr.cfg.checkpoint.eval_store) as store:
+    with ResultsStore(tr.cfg.checkpoint.eval_store) as store, tr.averaged_weights():
         metrics = evaluate(tr.backbone, load_suite(suite), checkpoint_path=ckpt, store=store, out_root=run_dir / "eval",
                            batch_size=tr.cfg.rollout.batch_size, progress=False,
                            run=str(run_dir), method=tr.cfg.method.name, step=step)
