@@ -78,9 +78,12 @@ def run_one(job: dict) -> dict:
                 break
         train_s = time.time() - t0
         tr.backbone.module.eval()
+        with tr.averaged_weights():   # the EMA weights when optim.ema_decay > 0, as the checkpoints save them
+            scores = eval_backbone(tr.backbone)
         result = {"method": job["method"], "label": label, "seed": job["seed"], "steps_done": len(log), "steps_planned": cfg.steps,
-                  "train_seconds": train_s, "config": cfg.model_dump(mode="json"), "curve": log,
-                  "eval": eval_backbone(tr.backbone)}
+                  "train_seconds": train_s, "config": cfg.model_dump(mode="json"), "curve": log, "eval": scores}
+        if tr.ema is not None:   # the same run's live weights, for a paired comparison
+            result["eval_live"] = eval_backbone(tr.backbone)
         if job.get("save_checkpoint"):
             save_checkpoint(tr, Path(job["out"]) / cfg.name, len(log))
     except Exception:

@@ -546,6 +546,24 @@ def test_kill_between_checkpoint_and_log_line_loses_nothing(tmp_path):
     assert read_jsonl(run / "metrics.jsonl") == lines
 
 
+def test_restored_line_reaches_tensorboard_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    quiet = lambda s: None
+    run = train(tiny_config("steps=2", "checkpoint.every=1", "tensorboard=true"), tmp_path / "run", log=quiet)
+    lines = read_jsonl(run / "metrics.jsonl")
+    # as if killed after step 2's checkpoint, before its line reached metrics.jsonl and TensorBoard
+    (run / "metrics.jsonl").write_text(json.dumps(lines[0], sort_keys=True) + "\n")
+    one = train(tiny_config("steps=1", "tensorboard=true"), tmp_path / "one", log=quiet)
+    shutil.rmtree(run / "tb")
+    shutil.copytree(one / "tb", run / "tb")
+    train(tiny_config("steps=3"), run, resume=True, log=lambda s: None)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [e.value for e in loss[:2]] == [pytest.approx(r["loss"]) for r in lines]
+
+
 def test_corrupt_trainer_state_is_a_clear_error(tmp_path):
     run = train(tiny_config("steps=1", "method.inner_iterations=1"), tmp_path / "run", log=lambda s: None)
     state = run / "checkpoints" / "step_000001" / "trainer_state.pt"

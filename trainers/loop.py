@@ -386,7 +386,7 @@ def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path, step: int) -> dict[
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print) -> Path:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    start = 0
+    start, restored = 0, None
     if resume:
         saved = read_yaml(run_dir / "config.yaml")
         saved["steps"] = cfg.steps
@@ -407,6 +407,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
             line = json.loads((ckpts[-1] / "metrics.json").read_text())
             line.update(score_checkpoint(tr, run_dir, ckpts[-1], start))
             kept.append(line)
+            restored = line
         if metrics_path.exists() or kept:
             atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         log(f"resuming {run_dir} at step {start}")
@@ -415,7 +416,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
     writer = None
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
+        # purge_step drops older events from that step on: steps after the checkpoint, and the checkpoint's own
+        # step when its line is restored (rewritten just below)
+        purge = start if restored is not None else start + 1
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge if start else None)
+        if restored is not None:
+            write_scalars(writer, restored, start)
     for step in range(start, cfg.steps):
         m = train_step(tr, step)
         done = step + 1
@@ -424,14 +430,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
             m.update(score_checkpoint(tr, run_dir, ckpt, done))
         append_jsonl(metrics_path, m)
         if writer is not None:
-            for k, v in m.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, done)
-            writer.flush()
+            write_scalars(writer, m, done)
         log(format_metrics(m))
     if writer is not None:
         writer.close()
     return run_dir
+
+
+def write_scalars(writer, m: dict, step: int) -> None:
+    for k, v in m.items():
+        if k != "step" and isinstance(v, (int, float)):
+            writer.add_scalar(k, v, step)
+    writer.flush()
 
 
 def format_metrics(m: dict) -> str:
