@@ -140,6 +140,16 @@ def partial_credit(metadata: dict, detections: list[dict]) -> tuple[bool, float,
     return strict, sum(credits) / len(credits) if credits else 0.0, "\n".join(reasons)
 
 
+def object_roles(metadata: dict, detections: list[dict]) -> list[bool]:
+    """Per detection: True when the GenEval judge can count it towards the prompt (kept by the official
+    thresholds, class of an include clause, and that clause's colour when it names one), False for the rest
+    (fragments, misfits, unrequested classes, wrong colours). Used to localise token credit in training."""
+    kept = {i for idx in geneval.keep_detections(metadata, detections).values() for i in idx}
+    wanted = [(c["class"], c.get("color")) for c in metadata["include"]]
+    return [i in kept and any(d["class"] == name and colour in (None, d["color"]) for name, colour in wanted)
+            for i, d in enumerate(detections)]
+
+
 def score_geneval_partial(samples: list[Sample]) -> dict[str, dict]:
     """results.jsonl records plus "strict_correct" and the partial "score" (flow_grpo's field names)."""
     out = {}

@@ -7,7 +7,7 @@ import pytest
 
 from evaluators.base import Evaluator, Sample
 from evaluators.shapes_suites import (SHAPES_DPG, SHAPES_FIDELITY, SHAPES_GENEVAL, SHAPES_GENEVAL_PARTIAL,
-                                      SHAPES_QUALITY, fidelity_credit, partial_credit)
+                                      SHAPES_QUALITY, fidelity_credit, object_roles, partial_credit)
 from harness import registry
 from harness.shapes.detect import detect
 from harness.shapes.prompts import geneval_metadata
@@ -110,6 +110,15 @@ def test_fidelity_reward_reads_the_best_fits_of_the_requested_objects():
     assert metric(result, "fidelity_overall") == pytest.approx(1 / 3) and SHAPES_FIDELITY.reward_field == "score"
     with pytest.raises(ValueError, match="shapes-dpg"):
         SHAPES_FIDELITY.score(samples(DENSE, image()))
+
+
+def test_object_roles_mark_what_the_judge_can_count():
+    cells = render_cells([Obj("square", "red", 0, 0, 6), Obj("square", "blue", 8, 8, 6), Obj("circle", "red", 0, 9, 5)])
+    cells[15, 0] = color_index("red")                         # a one-cell red fragment
+    dets = detect(cells)
+    roles = {(d["color"], d["cells"]): r for d, r in zip(dets, object_roles(RED_SQUARE, dets))}
+    # only the red square counts: wrong colour, unrequested class and the fragment do not
+    assert roles == {("red", 36): True, ("blue", 36): False, ("red", 21): False, ("red", 1): False}
 
 
 def test_dpg_questions_answers_and_dependency_zeroing():

@@ -19,19 +19,20 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evaluators.base import Evaluator
+from evaluators.base import Evaluator, Sample
 from harness import registry
 from harness.backbones.tiny import load_tiny
 from harness.checkpoint import load_weights
 from harness.config import ConfigError, load_config
 from harness.io import read_jsonl
 from harness.sampling import sample, sampler_config
+from harness.shapes.prompts import geneval_metadata
 from trainers.config import MethodConfig, TrainConfig
 from trainers.loop import (build_trainer, clipped_token_loss, cli_train, load_checkpoint, save_checkpoint, train, train_step,
                            view_prompts)
 from trainers.methods import (RolloutTrace, credit_weights, diffu_grpo_views, grpo_views, ht_grpo_views, ht_stage,
                               maskgrpo_ratio, maskgrpo_views, structure_set, trace_groups, tracegrpo_views)
-from trainers.rewards import build_reward, group_advantages
+from trainers.rewards import build_reward, group_advantages, object_credit
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "mlp_hidden": 64}
 
@@ -424,6 +425,39 @@ def test_group_advantages():
     adv_eps, zero_eps = group_advantages(rewards, 4)
     assert torch.equal(zero_eps, zero) and adv_eps[4:8].tolist() == [0.0] * 4
     assert torch.allclose(adv_eps, adv, rtol=1e-3)
+
+
+def test_object_credit_moves_an_images_advantage_onto_its_objects():
+    from harness.shapes.world import Obj, cells_to_rgb, render_cells
+    meta = geneval_metadata("colors", a="square", color_a="red")
+    # a countable red square on tokens (0..2, 0..2) and an uncountable blue one on tokens (4..6, 4..6)
+    im = cells_to_rgb(render_cells([Obj("square", "red", 0, 0, 6), Obj("square", "blue", 8, 8, 6)]))
+    samples = [Sample(key=str(i), metadata=meta, image=im) for i in range(4)]
+    w = object_credit(samples, torch.tensor([-1.0, 1.0, 0.0, -0.5]), 3.0, (8, 8)).view(4, 8, 8)
+    good, bad, background = (0, 0), (5, 5), (7, 0)
+    for b in (0, 1, 3):
+        assert w[b].mean().item() == pytest.approx(1.0, abs=1e-6)     # the image's total credit is kept
+    assert w[0][bad].item() == pytest.approx(9 * w[0][good].item())    # A < 0: blame the wrong object
+    assert w[0][background].item() == pytest.approx(3 * w[0][good].item())
+    assert w[1][good].item() == pytest.approx(9 * w[1][bad].item())    # A > 0: credit the right one
+    assert torch.equal(w[2], torch.ones(8, 8))                         # no advantage: nothing to move
+    assert torch.allclose(w[3], w[0])                                  # only the sign matters
+    assert torch.equal(object_credit(samples, torch.ones(4), 1.0, (8, 8)), torch.ones(4, 64))
+    with pytest.raises(ValueError, match="token grid"):
+        object_credit(samples, torch.ones(4), 3.0, (5, 5))
+
+
+def test_object_credit_weights_the_policy_gradient(monkeypatch):
+    """Zero credit on every token leaves only the KL term: with beta 0 the step must not move the weights."""
+    import trainers.loop as loop
+    tr = build_trainer(tiny_config("loss.object_credit=3", "loss.beta_kl=0", "method.name=grpo"))
+    before = {k: v.clone() for k, v in tr.backbone.module.state_dict().items()}
+    monkeypatch.setattr(loop, "object_credit", lambda samples, adv, focus, grid: torch.zeros(len(samples), 64))
+    out = train_step(tr, 0)
+    assert out["reward_std"] > 0
+    assert all(torch.equal(v, before[k]) for k, v in tr.backbone.module.state_dict().items())
+    with pytest.raises(ValueError, match="object_credit"):
+        build_trainer(tiny_config("loss.object_credit=0.5"))
 
 
 # --- 7. reward failures ---------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from harness.sampling import Rollout, sampler_config, generate
 from harness.shapes.prompts import sample_metadata
 from trainers.config import TrainConfig
 from trainers.methods import Method, RolloutTrace, View
-from trainers.rewards import build_reward, group_advantages
+from trainers.rewards import build_reward, group_advantages, object_credit
 
 
 def derived_seed(*parts) -> int:
@@ -135,6 +135,11 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     load = registry.get("backbones", cfg.backbone.name)
     backbone = load(cfg.backbone.checkpoint, device=cfg.backbone.device, **cfg.backbone.options) if cfg.backbone.name == "tiny" \
         else load(cfg.backbone.checkpoint, device=cfg.backbone.device, dtype=cfg.backbone.dtype, **cfg.backbone.options)
+    if cfg.loss.object_credit > 1 and cfg.backbone.name != "tiny":
+        raise ValueError(f"loss.object_credit reads objects with the shapes-world detector; backbone "
+                         f"{cfg.backbone.name!r} draws no shapes-world images (set loss.object_credit: 0)")
+    if 0 < cfg.loss.object_credit < 1:
+        raise ValueError(f"loss.object_credit must be 0 (off) or >= 1 (the weight ratio), got {cfg.loss.object_credit}")
     reference = None
     if cfg.backbone.lora is not None:
         from harness.backbones.lora import apply_lora
@@ -201,9 +206,13 @@ def train_step(tr: Trainer, step: int) -> dict:
         rollout: Rollout = generate(bb, [m["prompt"] for m in group_metas], tr.sampler,
                                     seed=derived_seed("rollout", cfg.seed, step), batch_size=cfg.rollout.batch_size)
     t_rollout = time.time() - t0
-    rewards, parts = tr.reward(to_samples(bb, rollout.codes, group_metas, step))
+    samples = to_samples(bb, rollout.codes, group_metas, step)
+    rewards, parts = tr.reward(samples)
     adv, zero_spread = group_advantages(rewards, g, cfg.loss.adv_eps)
-    adv = adv.to(rollout.codes.device)
+    # per-token credit: ones (an image's tokens share its advantage) or localised on its objects
+    credit = object_credit(samples, adv, cfg.loss.object_credit, bb.grid) if cfg.loss.object_credit > 1 \
+        else torch.ones(rollout.codes.shape, dtype=torch.float32)
+    adv, credit = adv.to(rollout.codes.device), credit.to(rollout.codes.device)
     prompts = bb.tokenize([m["prompt"] for m in group_metas])
     codes = rollout.codes
     b = codes.shape[0]
@@ -247,7 +256,7 @@ def train_step(tr: Trainer, step: int) -> dict:
                     continue
                 with amp():
                     logp = token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp
-                adv_tok = adv[s, None] * v.weight[s]
+                adv_tok = adv[s, None] * v.weight[s] * credit[s]
                 per_tok, ratio, kl = clipped_token_loss(logp, old[k][j][c], ref[k][j][c], adv_tok, cfg.loss.clip_eps, cfg.loss.beta_kl,
                                                         cfg.loss.kl_max_log_ratio)
                 loss = per_tok[mask].sum() / max(n_tokens, 1)

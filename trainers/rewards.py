@@ -54,3 +54,33 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4):
     zero = std.squeeze(1) < 1e-8
     adv[zero] = 0.0
     return adv.view(-1), zero
+
+
+def object_credit(samples: list[Sample], adv, focus: float, token_grid: tuple[int, int]):
+    """[B, N] token credit weights that move each image's advantage onto its objects (shapes world only).
+
+    With a strict per-image reward every token of a failed image is pushed down, its well-drawn objects
+    included. Here, in an image with A < 0, the cells of objects the judge cannot count (fragments, misfits,
+    unrequested classes, wrong colours; evaluators.shapes_suites.object_roles) weigh `focus` and the cells of
+    countable objects 1 / focus; with A > 0 the other way round; background cells 1. A token weighs the mean
+    of its cells, normalised so that the image's mean token weight is 1: the image's total credit is kept,
+    only where it lands moves. focus = 1 is uniform credit."""
+    import torch
+    from evaluators.shapes_suites import object_roles
+    from harness.shapes.detect import detect_image
+    from harness.shapes.world import GRID
+    h, w = token_grid
+    if GRID % h or GRID % w:
+        raise ValueError(f"object credit needs a token grid dividing the {GRID}x{GRID} shapes grid, got {h}x{w}")
+    adv = torch.as_tensor(adv, dtype=torch.float32).cpu()
+    out = torch.ones(len(samples), h * w)
+    for b, s in enumerate(samples):
+        if adv[b] == 0:
+            continue
+        dets = detect_image(np.asarray(s.image))
+        cell_w = np.ones((GRID, GRID))
+        for d, countable in zip(dets, object_roles(s.metadata, dets)):
+            cell_w[d["mask"]] = focus if countable == bool(adv[b] > 0) else 1.0 / focus
+        tok = torch.from_numpy(cell_w.reshape(h, GRID // h, w, GRID // w).mean(axis=(1, 3)).reshape(-1)).float()
+        out[b] = tok / tok.mean()
+    return out
