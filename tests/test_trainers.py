@@ -427,19 +427,18 @@ def test_group_advantages():
     assert torch.allclose(adv_eps, adv, rtol=1e-3)
 
 
-def test_object_credit_moves_an_images_advantage_onto_its_objects():
+def test_object_credit_moves_blame_onto_uncountable_objects():
     from harness.shapes.world import Obj, cells_to_rgb, render_cells
     meta = geneval_metadata("colors", a="square", color_a="red")
-    # a countable red square on tokens (0..2, 0..2) and an uncountable blue one on tokens (4..6, 4..6)
-    im = cells_to_rgb(render_cells([Obj("square", "red", 0, 0, 6), Obj("square", "blue", 8, 8, 6)]))
+    # a countable red square on cells 0..4 (tokens 0..2) and an uncountable blue one on tokens (4..6, 4..6)
+    im = cells_to_rgb(render_cells([Obj("square", "red", 0, 0, 5), Obj("square", "blue", 8, 8, 6)]))
     samples = [Sample(key=str(i), metadata=meta, image=im) for i in range(4)]
     w = object_credit(samples, torch.tensor([-1.0, 1.0, 0.0, -0.5]), 3.0, (8, 8)).view(4, 8, 8)
-    good, bad, background = (0, 0), (5, 5), (7, 0)
-    for b in (0, 1, 3):
-        assert w[b].mean().item() == pytest.approx(1.0, abs=1e-6)     # the image's total credit is kept
-    assert w[0][bad].item() == pytest.approx(9 * w[0][good].item())    # A < 0: blame the wrong object
-    assert w[0][background].item() == pytest.approx(3 * w[0][good].item())
-    assert w[1][good].item() == pytest.approx(9 * w[1][bad].item())    # A > 0: credit the right one
+    good, bad, background, edge = (0, 0), (5, 5), (7, 0), (2, 0)       # edge: 2 cells of the red square, 2 empty
+    assert (w[0][bad].item(), w[0][good].item(), w[0][background].item()) == pytest.approx((3.0, 1 / 3, 1.0))
+    assert w[0][edge].item() == pytest.approx((2 / 3 + 2) / 4)        # a token weighs the mean of its cells
+    # A > 0: the wrong object is not reinforced at full weight; the right one and the background are untouched
+    assert (w[1][bad].item(), w[1][good].item(), w[1][background].item()) == pytest.approx((1 / 3, 1.0, 1.0))
     assert torch.equal(w[2], torch.ones(8, 8))                         # no advantage: nothing to move
     assert torch.allclose(w[3], w[0])                                  # only the sign matters
     assert torch.equal(object_credit(samples, torch.ones(4), 1.0, (8, 8)), torch.ones(4, 64))

@@ -57,14 +57,16 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4):
 
 
 def object_credit(samples: list[Sample], adv, focus: float, token_grid: tuple[int, int]):
-    """[B, N] token credit weights that move each image's advantage onto its objects (shapes world only).
+    """[B, N] token credit weights that move blame within each image onto its objects (shapes world only).
 
-    With a strict per-image reward every token of a failed image is pushed down, its well-drawn objects
-    included. Here, in an image with A < 0, the cells of objects the judge cannot count (fragments, misfits,
-    unrequested classes, wrong colours; evaluators.shapes_suites.object_roles) weigh `focus` and the cells of
-    countable objects 1 / focus; with A > 0 the other way round; background cells 1. A token weighs the mean
-    of its cells, normalised so that the image's mean token weight is 1: the image's total credit is kept,
-    only where it lands moves. focus = 1 is uniform credit."""
+    With a strict per-image reward every token of a failed image is pushed down as hard as any other, its
+    well-drawn objects included. Here each detection is countable or not by the judge
+    (evaluators.shapes_suites.object_roles). In an image with A < 0, uncountable objects' cells (fragments,
+    misfits, unrequested classes, wrong colours) weigh `focus` and countable ones 1 / focus; in an image with
+    A > 0, uncountable objects weigh 1 / focus (junk is never reinforced at full weight). Everything else weighs
+    1, background included: a first version that also renormalised each image to mean weight 1 shifted blame
+    onto the background of failed images and taught the model to draw stray cells (leaderboards/tiny_methods.md).
+    A token weighs the mean of its cells. focus = 1 is uniform credit."""
     import torch
     from evaluators.shapes_suites import object_roles
     from harness.shapes.detect import detect_image
@@ -80,7 +82,9 @@ def object_credit(samples: list[Sample], adv, focus: float, token_grid: tuple[in
         dets = detect_image(np.asarray(s.image))
         cell_w = np.ones((GRID, GRID))
         for d, countable in zip(dets, object_roles(s.metadata, dets)):
-            cell_w[d["mask"]] = focus if countable == bool(adv[b] > 0) else 1.0 / focus
-        tok = torch.from_numpy(cell_w.reshape(h, GRID // h, w, GRID // w).mean(axis=(1, 3)).reshape(-1)).float()
-        out[b] = tok / tok.mean()
+            if adv[b] < 0:
+                cell_w[d["mask"]] = 1.0 / focus if countable else focus
+            elif not countable:
+                cell_w[d["mask"]] = 1.0 / focus
+        out[b] = torch.from_numpy(cell_w.reshape(h, GRID // h, w, GRID // w).mean(axis=(1, 3)).reshape(-1)).float()
     return out
