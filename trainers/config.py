@@ -81,7 +81,8 @@ class LossConfig(Strict):
     # bfloat16 runs the pi / pi_old / pi_ref forward passes under autocast (weights, optimizer and the loss
     # arithmetic stay float32); all three at one precision keep the first inner iteration's ratio exactly 1
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # > 1: shapes world only; within each image, blame uncountable objects more and countable ones less
+    # > 1: shapes world only; within each image, blame uncountable objects more and countable ones less.
+    # Measured harmful at focus 3 (collapse; leaderboards/tiny_methods.md, session 4): off unless studying it
     # (trainers.rewards.object_credit); 0 or 1: every token of an image shares its advantage equally
     object_credit: float = Field(0.0, ge=0.0)
 
