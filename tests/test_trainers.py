@@ -444,6 +444,9 @@ def test_object_credit_moves_blame_onto_uncountable_objects():
     assert torch.equal(object_credit(samples, torch.ones(4), 1.0, (8, 8)), torch.ones(4, 64))
     with pytest.raises(ValueError, match="token grid"):
         object_credit(samples, torch.ones(4), 3.0, (5, 5))
+    dense = [Sample(key="d", metadata={"tag": "dense", "prompt": "a red square"}, image=im)]
+    with pytest.raises(ValueError, match="GenEval clauses"):
+        object_credit(dense, torch.ones(1), 3.0, (8, 8))
 
 
 def test_object_credit_weights_the_policy_gradient(monkeypatch):

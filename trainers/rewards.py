@@ -70,6 +70,7 @@ def object_credit(samples: list[Sample], adv, focus: float, token_grid: tuple[in
     import torch
     from evaluators.shapes_suites import object_roles
     from harness.shapes.detect import detect_image
+    from harness.shapes.prompts import GENEVAL_TAGS
     from harness.shapes.world import GRID
     h, w = token_grid
     if GRID % h or GRID % w:
@@ -79,6 +80,9 @@ def object_credit(samples: list[Sample], adv, focus: float, token_grid: tuple[in
     for b, s in enumerate(samples):
         if adv[b] == 0:
             continue
+        if s.metadata.get("tag") not in GENEVAL_TAGS:
+            raise ValueError(f"object credit reads GenEval clauses; sample {s.key} has tag {s.metadata.get('tag')!r} "
+                             f"(known: {', '.join(GENEVAL_TAGS)}); set loss.object_credit: 0 for other prompts")
         dets = detect_image(np.asarray(s.image))
         cell_w = np.ones((GRID, GRID))
         for d, countable in zip(dets, object_roles(s.metadata, dets)):
