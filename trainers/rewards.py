@@ -64,9 +64,11 @@ def object_credit(samples: list[Sample], adv, focus: float, token_grid: tuple[in
     (evaluators.shapes_suites.object_roles). In an image with A < 0, uncountable objects' cells (fragments,
     misfits, unrequested classes, wrong colours) weigh `focus` and countable ones 1 / focus; in an image with
     A > 0, uncountable objects weigh 1 / focus (junk is never reinforced at full weight). Everything else weighs
-    1, background included: a first version that also renormalised each image to mean weight 1 shifted blame
-    onto the background of failed images and taught the model to draw stray cells (leaderboards/tiny_methods.md).
-    A token weighs the mean of its cells. focus = 1 is uniform credit."""
+    1, background included. A token weighs the mean of its cells. focus = 1 is uniform credit.
+
+    Measured harmful at focus 3 (leaderboards/tiny_methods.md): this rule breaks the zero sum of a group's
+    advantages and collapsed two runs of two; an earlier rule that renormalised each image to mean weight 1
+    moved blame onto the background of failed images, and stray cells rose."""
     import torch
     from evaluators.shapes_suites import object_roles
     from harness.shapes.detect import detect_image
