@@ -47,6 +47,9 @@ class Evaluator:
     score: Callable[[list[Sample]], dict[str, dict]]          # samples -> per-image records
     aggregate: Callable[[list[dict]], list[Metric]]          # records -> metrics
     reward_field: str | None = None                          # record field usable as a scalar reward
+    # raises a clear error (e.g. FileNotFoundError naming a weights file) when the evaluator cannot run here;
+    # called before any image is drawn, so a missing file is not found after an hour of generation
+    check_ready: Callable[[], None] | None = None
 
     def evaluate(self, samples: list[Sample]) -> EvalResult:
         records = self.score(samples)

@@ -10,8 +10,9 @@ Models load on first use and stay cached in this module:
   $HARNESS_CLIP_DIR        local copy of openai/clip-vit-large-patch14
   $HARNESS_GENEVAL_DEVICE  "cpu" (default) or e.g. "cuda"; mmcv must then be compiled with CUDA ops
 
-Importing this module fails with ImportError when mmdet or compiled mmcv is missing, so a suite that uses
-"geneval" stops before generating any image (evaluators/run.py resolves evaluators first).
+Importing this module fails with ImportError when mmdet or compiled mmcv is missing, and `check_models` fails
+when a model file is, so a suite or reward that uses "geneval" stops before generating any image
+(evaluators/run.py and trainers/rewards.py resolve evaluators first).
 """
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def color_classifier() -> clip_colors.ColorClassifier:
     return _COLOR_CLASSIFIER
 
 
+def check_models() -> None:
+    """The detector checkpoint and the CLIP folder are where they should be (or already loaded); cheap."""
+    if _DETECTOR is None:
+        mmdet_backend.checkpoint_path()
+    if _COLOR_CLASSIFIER is None:
+        clip_colors.clip_dir()
+
+
 def score_image(sample: Sample) -> dict:
     """The official results.jsonl record of one image (filename = sample key)."""
     geneval.check_metadata(sample.metadata, f"sample {sample.key!r}")
@@ -86,4 +95,4 @@ GENEVAL = Evaluator(
     name="geneval", version="1",
     description="Official GenEval: mmdet Mask2Former Swin-S detector, CLIP ViT-L/14 colour classifier, official "
                 "thresholds and correctness rule; overall = mean of the six tag accuracies.",
-    score=score_geneval, aggregate=aggregate_geneval, reward_field="correct")
+    score=score_geneval, aggregate=aggregate_geneval, reward_field="correct", check_ready=check_models)

@@ -78,7 +78,7 @@ def weights_hash(checkpoint_path: str | os.PathLike) -> str:
 
 
 def resolve_evaluators(suite: Suite) -> list[Evaluator]:
-    """The suite's evaluators, or a clear error naming the one that is not available."""
+    """The suite's evaluators, or a clear error naming the one that is not available or lacks its model files."""
     out = []
     for name in suite.evaluators:
         try:
@@ -89,6 +89,8 @@ def resolve_evaluators(suite: Suite) -> list[Evaluator]:
         except ImportError as e:
             raise ImportError(f"suite {suite.name!r}: evaluator {name!r} could not be imported ({e}); "
                               f"install its dependencies") from e
+        if out[-1].check_ready is not None:
+            out[-1].check_ready()
     return out
 
 

@@ -382,3 +382,29 @@ def test_geneval_evaluator_end_to_end_on_two_images(tiny_detector, tiny_clip_dir
     metrics = {m.name: m.value for m in result.metrics}
     assert metrics["geneval_colors"] == 1.0 and metrics["geneval_two_object"] == 0.0
     assert metrics["geneval_overall"] == 0.5 and metrics["geneval_correct_images"] == 0.5
+
+
+def test_missing_geneval_model_files_fail_before_any_image_is_drawn(tiny_detector_files, tiny_clip_dir, monkeypatch):
+    """A suite or reward using "geneval" checks its two model files up front (not after an hour of generation),
+    naming the file; with both present it resolves."""
+    from evaluators import geneval_official, mmdet_backend
+    from evaluators.run import resolve_evaluators
+    from evaluators.suites import load_suite
+    from trainers.rewards import build_reward
+
+    folder, _, _ = tiny_detector_files
+    monkeypatch.setattr(geneval_official, "_DETECTOR", None)
+    monkeypatch.setattr(geneval_official, "_COLOR_CLASSIFIER", None)
+    monkeypatch.setenv(clip_colors.CLIP_DIR_ENV, str(tiny_clip_dir))
+    monkeypatch.setenv(mmdet_backend.MODELS_DIR_ENV, str(folder.parent / "nowhere"))
+    for resolve in (lambda: resolve_evaluators(load_suite("geneval")), lambda: build_reward({"geneval": 1.0})):
+        with pytest.raises(FileNotFoundError, match=mmdet_backend.CHECKPOINT_NAME):
+            resolve()
+    monkeypatch.setenv(mmdet_backend.MODELS_DIR_ENV, str(folder))
+    monkeypatch.delenv(clip_colors.CLIP_DIR_ENV)
+    with pytest.raises(FileNotFoundError, match="CLIP"):
+        resolve_evaluators(load_suite("geneval"))
+    monkeypatch.setenv(clip_colors.CLIP_DIR_ENV, str(tiny_clip_dir))
+    assert [e.name for e in resolve_evaluators(load_suite("geneval"))] == ["geneval"]
+    build_reward({"geneval": 1.0})
+    assert geneval_official._DETECTOR is None          # checking loads nothing

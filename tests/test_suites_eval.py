@@ -142,10 +142,12 @@ def test_shipped_suites_validate_and_meet_their_rules():
     assert sampler_for(load_suite("geneval"), "mmada") == sampling.PRESETS["mmada"]
     with pytest.raises(KeyError, match="evaluator 'dpg'.*not available"):   # mPLUG VQA backend: a later issue
         runner.resolve_evaluators(load_suite("dpg"))
-    try:   # the mmdet backend resolves where `make mmdet` ran, and otherwise says how to install it
-        assert [e.name for e in runner.resolve_evaluators(load_suite("geneval"))] == ["geneval"]
+    try:   # where `make mmdet` ran, the mmdet backend resolves up to its model files; otherwise it says how to install
+        runner.resolve_evaluators(load_suite("geneval"))
     except ImportError as e:
         assert "make mmdet" in str(e)
+    except FileNotFoundError as e:     # no model files here (tests/test_mmdet_backend.py checks the case with files)
+        assert "mask2former" in str(e) or "CLIP" in str(e)
 
 
 def test_official_suites_read_the_official_files(monkeypatch):

@@ -497,6 +497,16 @@ def test_unknown_reward_name_gets_did_you_mean():
         build_reward({"shapes-quality": 1.0})
 
 
+def test_checkpoint_suite_is_checked_before_training():
+    """A misspelt suite, or one made for another backbone, fails when the trainer is built, not at the
+    first checkpoint after minutes of training."""
+    with pytest.raises(KeyError, match="Did you mean 'shapes-geneval'"):
+        build_trainer(tiny_config("checkpoint.eval_suite=shapes-genevl"))
+    with pytest.raises(ValueError, match=r"checkpoint.eval_suite 'geneval' applies to backbones .*not 'tiny'"):
+        build_trainer(tiny_config("checkpoint.eval_suite=geneval"))
+    assert build_trainer(tiny_config("checkpoint.eval_suite=shapes-quality")).cfg.checkpoint.eval_suite == "shapes-quality"
+
+
 # --- 8. gradient accumulation ----------------------------------------------------------------------------------
 
 def test_micro_batches_give_the_same_update():

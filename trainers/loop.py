@@ -140,6 +140,14 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                          f"{cfg.backbone.name!r} draws no shapes-world images (set loss.object_credit: 0)")
     if 0 < cfg.loss.object_credit < 1:
         raise ValueError(f"loss.object_credit must be 0 (off) or >= 1 (the weight ratio), got {cfg.loss.object_credit}")
+    if cfg.checkpoint.eval_suite:        # a wrong suite or a missing model file fails now, not at the first checkpoint
+        from evaluators.run import resolve_evaluators
+        from evaluators.suites import load_suite
+        suite = load_suite(cfg.checkpoint.eval_suite)
+        if backbone.name not in suite.backbones:
+            raise ValueError(f"checkpoint.eval_suite {suite.name!r} applies to backbones {suite.backbones}, "
+                             f"not {backbone.name!r}")
+        resolve_evaluators(suite)
     reference = None
     if cfg.backbone.lora is not None:
         from harness.backbones.lora import apply_lora

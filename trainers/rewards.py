@@ -18,6 +18,8 @@ def build_reward(weights: dict[str, float]):
         ev = registry.get("evaluators", name)
         if ev.reward_field is None:
             raise ValueError(f"evaluator {name!r} has no reward field and cannot be used as a reward")
+        if ev.check_ready is not None:
+            ev.check_ready()                 # missing model files fail now, not at the first step's scoring
         evaluators.append((name, float(w), ev))
 
     def reward(samples: list[Sample]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
