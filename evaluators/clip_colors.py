@@ -39,7 +39,8 @@ LOGIT_SCALE = 100.0                   # clip_benchmark's fixed 100 * cos (not th
 
 @dataclass
 class ColorClassifier:
-    """A loaded CLIP model, its tokenizer and the per-class-name text classifiers built so far."""
+    """A loaded CLIP model and its tokenizer (the preference scorers use it too), plus the per-class-name colour
+    classifiers built so far."""
     model: Any                          # transformers CLIPModel, eval mode
     tokenizer: Any                      # CLIPTokenizer from the same folder
     device: str = "cpu"
@@ -52,26 +53,42 @@ class ColorClassifier:
 
 # --- loading ----------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ClipWeights:
+    """A CLIP model read from a local folder: the variable naming the folder and the HF model to put in it."""
+    env: str
+    hf_id: str
+
+    def folder(self, path: str | os.PathLike | None = None) -> Path:
+        """`path`, else $env; FileNotFoundError saying how to get the model."""
+        how = (f"download the HF model {self.hf_id!r} once (e.g. `huggingface-cli download {self.hf_id} "
+               f"--local-dir DIR`) and pass its folder or set ${self.env}=DIR")
+        raw = path if path is not None else os.environ.get(self.env)
+        if not raw:
+            raise FileNotFoundError(f"no folder given for {self.hf_id}: {how}")
+        folder = Path(raw).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no config.json (expected a save of {self.hf_id!r}): {how}")
+        return folder
+
+
+CLIP_L14 = ClipWeights(CLIP_DIR_ENV, CLIP_HF_ID)
+
+
 def clip_dir(path: str | os.PathLike | None = None) -> Path:
-    """The local CLIP folder: `path`, else $HARNESS_CLIP_DIR; FileNotFoundError saying how to get it."""
-    how = (f"download the HF model {CLIP_HF_ID!r} once (e.g. `huggingface-cli download {CLIP_HF_ID} "
-           f"--local-dir DIR`) and pass its folder or set ${CLIP_DIR_ENV}=DIR")
-    raw = path if path is not None else os.environ.get(CLIP_DIR_ENV)
-    if not raw:
-        raise FileNotFoundError(f"no CLIP ViT-L/14 folder given for the GenEval colour classifier: {how}")
-    folder = Path(raw).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"CLIP folder {folder} has no config.json (expected a save of {CLIP_HF_ID!r}): {how}")
-    return folder
+    """The local CLIP ViT-L/14 folder: `path`, else $HARNESS_CLIP_DIR."""
+    return CLIP_L14.folder(path)
 
 
-def load_clip(path: str | os.PathLike | None = None, device: str = "cpu") -> ColorClassifier:
-    """CLIPModel + CLIPTokenizer from a local folder (no network), float32, eval mode."""
+def load_clip(path: str | os.PathLike | None = None, device: str = "cpu",
+              tokenizer_path: str | os.PathLike | None = None) -> ColorClassifier:
+    """CLIPModel + CLIPTokenizer from a local folder (no network), float32, eval mode. tokenizer_path: a
+    different folder for the tokenizer (PickScore's weights come without one)."""
     from transformers import CLIPModel, CLIPTokenizer
 
     folder = clip_dir(path)
     model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path or folder, local_files_only=True)
     return ColorClassifier(model=model, tokenizer=tokenizer, device=device)
 
 
@@ -127,10 +144,11 @@ def text_embeddings(clf: ColorClassifier, texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def image_embeddings(clf: ColorClassifier, crops: list[Image.Image]) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings [len(crops), D]; fp16 autocast on CUDA like GenEval's amp=True."""
+def image_embeddings(clf: ColorClassifier, crops: list[Image.Image], fp16_on_cuda: bool = True) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings [len(crops), D]; by default fp16 autocast on CUDA like GenEval's
+    amp=True (scorers whose reference runs in float32 pass fp16_on_cuda=False)."""
     pixels = torch.stack([preprocess(c, clf.image_size) for c in crops]).to(clf.device)
-    with torch.autocast("cuda", dtype=torch.float16, enabled=str(clf.device).startswith("cuda")):
+    with torch.autocast("cuda", dtype=torch.float16, enabled=fp16_on_cuda and str(clf.device).startswith("cuda")):
         features = _features(clf.model.get_image_features(pixel_values=pixels))
     return torch.nn.functional.normalize(features.float(), dim=-1)
 

@@ -31,6 +31,10 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "shapes-dpg": "evaluators.shapes_suites:SHAPES_DPG",
         "shapes-quality": "evaluators.shapes_suites:SHAPES_QUALITY",
         "geneval": "evaluators.geneval_official:GENEVAL",
+        "pickscore": "evaluators.preference:PICKSCORE",
+        "clipscore": "evaluators.preference:CLIPSCORE",
+        "clipscore-hessel": "evaluators.preference:CLIPSCORE_HESSEL",
+        "laion-aesthetic": "evaluators.preference:LAION_AESTHETIC",
     },
     "suites": {},  # filled from evaluators/suites/*.yaml on first lookup (see evaluators/suites.py)
 }

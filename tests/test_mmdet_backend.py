@@ -13,41 +13,7 @@ from PIL import Image
 from evaluators import clip_colors
 from evaluators.coco_prompts import COCO_CLASSES, COLORS
 
-# --- tiny CLIP --------------------------------------------------------------------------------------------------
-
-LETTERS = "abcdefghijklmnopqrstuvwxyz-"
-# A few merges so the BPE path is exercised ("red" and "photo" become single tokens).
-MERGES = [("r", "e"), ("re", "d</w>"), ("p", "h"), ("ph", "o"), ("o", "t"), ("ot", "o</w>")]
-
-
-def write_tiny_clip(folder) -> None:
-    """A random 2-layer CLIP plus a CLIP BPE tokenizer over lowercase letters, saved as a HF folder."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(LETTERS) + [c + "</w>" for c in LETTERS]
-    tokens += [a + b for a, b in MERGES]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-    CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
-                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    write_tiny_clip(folder)
-    return folder
-
+# --- the CLIP colour classifier (tiny CLIP: tests/conftest.py) -------------------------------------------------
 
 @pytest.fixture()
 def clf(tiny_clip_dir):
@@ -402,7 +368,7 @@ def test_missing_geneval_model_files_fail_before_any_image_is_drawn(tiny_detecto
             resolve()
     monkeypatch.setenv(mmdet_backend.MODELS_DIR_ENV, str(folder))
     monkeypatch.delenv(clip_colors.CLIP_DIR_ENV)
-    with pytest.raises(FileNotFoundError, match="CLIP"):
+    with pytest.raises(FileNotFoundError, match="clip-vit-large-patch14"):
         resolve_evaluators(load_suite("geneval"))
     monkeypatch.setenv(clip_colors.CLIP_DIR_ENV, str(tiny_clip_dir))
     assert [e.name for e in resolve_evaluators(load_suite("geneval"))] == ["geneval"]

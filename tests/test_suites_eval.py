@@ -147,7 +147,7 @@ def test_shipped_suites_validate_and_meet_their_rules():
     except ImportError as e:
         assert "make mmdet" in str(e)
     except FileNotFoundError as e:     # no model files here (tests/test_mmdet_backend.py checks the case with files)
-        assert "mask2former" in str(e) or "CLIP" in str(e)
+        assert "mask2former" in str(e) or "clip-vit-large-patch14" in str(e)
 
 
 def test_official_suites_read_the_official_files(monkeypatch):

@@ -1,0 +1,206 @@
+"""CLIP-family preference and quality scorers on real images: PickScore, two CLIPScores, LAION aesthetic v2.
+
+Definitions (the official ones; ../shared/docs/evaluators.md section 3), per image with its prompt:
+  pickscore         logit_scale.exp() * cos(text, image) with PickScore_v1 (CLIP-H fine-tuned on Pick-a-Pic);
+                    typically 18-24
+  clipscore         torchmetrics' variant: 100 * cos(text, image) with openai/clip-vit-large-patch14; the
+                    metric is max(mean, 0), the clamp after the mean as in torchmetrics; 0-100
+  clipscore-hessel  Hessel et al. 2021: 2.5 * max(cos, 0) with ViT-B/32 and the caption prefix
+                    "A photo depicts "; 0-2.5
+  laion-aesthetic   improved-aesthetic-predictor v2: MLP 768-1024-128-64-16-1 (no activations) on the
+                    L2-normalised CLIP ViT-L/14 image embedding (sac+logos+ava1-l14-linearMSE.pth); ~1-10
+The CLIPScore name says the variant because the two scales are the most common mix-up in papers.
+
+Weights are local folders named by environment variables (nothing is downloaded); a missing one is reported,
+with how to get it, before any image is drawn (Evaluator.check_ready). Images go through the OpenAI CLIP
+transform in PIL (evaluators.clip_colors.preprocess), in float32, except where the reference implementation
+runs fp16 on CUDA (Hessel's and the aesthetic predictor's `clip.load`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from evaluators import clip_colors
+from evaluators.base import Evaluator, Metric, Sample
+
+AESTHETIC_HEAD_ENV = "HARNESS_AESTHETIC_HEAD"
+AESTHETIC_HEAD_NAME = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                      + AESTHETIC_HEAD_NAME.replace("+", "%2B"))
+PICKSCORE_TOKENIZER_ENV = "HARNESS_PICKSCORE_TOKENIZER_DIR"
+BATCH = 32
+
+
+PICKSCORE_WEIGHTS = clip_colors.ClipWeights("HARNESS_PICKSCORE_DIR", "yuvalkirstain/PickScore_v1")
+CLIP_L14_WEIGHTS = clip_colors.CLIP_L14          # the same weights as GenEval's colour classifier
+CLIP_B32_WEIGHTS = clip_colors.ClipWeights("HARNESS_CLIP_B32_DIR", "openai/clip-vit-base-patch32")
+
+_LOADED: dict[tuple, object] = {}      # (what, folder) -> loaded model, so a run loads each once
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pickscore_tokenizer_folder(weights_folder: Path) -> Path:
+    """PickScore_v1 ships without a tokenizer (its authors load laion/CLIP-ViT-H-14-laion2B-s32B-b79K's):
+    the weights folder if it has one, else $HARNESS_PICKSCORE_TOKENIZER_DIR."""
+    if any((weights_folder / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+        return weights_folder
+    raw = os.environ.get(PICKSCORE_TOKENIZER_ENV)
+    if raw and any((Path(raw).expanduser() / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+        return Path(raw).expanduser()
+    raise FileNotFoundError(f"{weights_folder} has no tokenizer (PickScore_v1 ships none): download "
+                            f"'laion/CLIP-ViT-H-14-laion2B-s32B-b79K' and set ${PICKSCORE_TOKENIZER_ENV} to its folder")
+
+
+def clip_model(weights: clip_colors.ClipWeights) -> clip_colors.ColorClassifier:
+    folder = weights.folder()
+    key = ("clip", str(folder))
+    if key not in _LOADED:
+        tokenizer = pickscore_tokenizer_folder(folder) if weights is PICKSCORE_WEIGHTS else None
+        _LOADED[key] = clip_colors.load_clip(folder, device=_device(), tokenizer_path=tokenizer)
+    return _LOADED[key]
+
+
+def aesthetic_head_path() -> Path:
+    how = f"download {AESTHETIC_HEAD_URL} and set ${AESTHETIC_HEAD_ENV} to the file"
+    raw = os.environ.get(AESTHETIC_HEAD_ENV)
+    if not raw:
+        raise FileNotFoundError(f"no LAION aesthetic head given ({AESTHETIC_HEAD_NAME}): {how}")
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"LAION aesthetic head not found: {path}; {how}")
+    return path
+
+
+class AestheticHead(torch.nn.Module):
+    """The predictor's MLP; the dropouts keep the official key names (layers.0, .2, .4, .6, .7)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.layers(embedding).squeeze(-1)
+
+
+def load_aesthetic_head(path: Path, dim: int) -> AestheticHead:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    head = AestheticHead(dim)
+    expected = head.state_dict()
+    if not isinstance(state, dict) or set(state) != set(expected):
+        got = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not the LAION aesthetic predictor's MLP: expected keys {sorted(expected)}, got {got}")
+    if state["layers.0.weight"].shape != expected["layers.0.weight"].shape:
+        raise ValueError(f"{path} takes {state['layers.0.weight'].shape[1]}-dim embeddings but the CLIP model gives "
+                         f"{dim} (the head belongs to CLIP ViT-L/14, 768)")
+    head.load_state_dict(state)
+    return head.eval().to(_device())
+
+
+def aesthetic_head(clip: clip_colors.ColorClassifier) -> AestheticHead:
+    path = aesthetic_head_path()
+    key = ("aesthetic", str(path))
+    if key not in _LOADED:
+        _LOADED[key] = load_aesthetic_head(path, int(clip.model.config.projection_dim))
+    return _LOADED[key]
+
+
+# --- scoring ------------------------------------------------------------------------------------------------------
+
+def _pictures(samples: list[Sample]) -> list[Image.Image]:
+    return [Image.fromarray(np.asarray(s.image, dtype=np.uint8)) for s in samples]
+
+
+def cosines(clip: clip_colors.ColorClassifier, samples: list[Sample], prefix: str = "",
+            fp16_on_cuda: bool = False) -> torch.Tensor:
+    """cos(text of each sample's prompt, its image), [len(samples)], in batches."""
+    out = []
+    for i in range(0, len(samples), BATCH):
+        part = samples[i:i + BATCH]
+        texts = clip_colors.text_embeddings(clip, [prefix + s.metadata["prompt"] for s in part])
+        images = clip_colors.image_embeddings(clip, _pictures(part), fp16_on_cuda=fp16_on_cuda)
+        out.append((texts * images).sum(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _records(samples: list[Sample], values: torch.Tensor) -> dict[str, dict]:
+    return {s.key: {"prompt": s.metadata["prompt"], "score": float(v)} for s, v in zip(samples, values.tolist())}
+
+
+@torch.no_grad()
+def score_pickscore(samples: list[Sample]) -> dict[str, dict]:
+    clip = clip_model(PICKSCORE_WEIGHTS)
+    return _records(samples, clip.model.logit_scale.exp().cpu() * cosines(clip, samples))
+
+
+def score_clipscore(samples: list[Sample]) -> dict[str, dict]:
+    return _records(samples, 100.0 * cosines(clip_model(CLIP_L14_WEIGHTS), samples))
+
+
+def score_clipscore_hessel(samples: list[Sample]) -> dict[str, dict]:
+    cos = cosines(clip_model(CLIP_B32_WEIGHTS), samples, prefix="A photo depicts ", fp16_on_cuda=True)
+    return _records(samples, 2.5 * cos.clamp(min=0))
+
+
+@torch.no_grad()
+def score_aesthetic(samples: list[Sample]) -> dict[str, dict]:
+    clip = clip_model(CLIP_L14_WEIGHTS)
+    head = aesthetic_head(clip)
+    values = []
+    for i in range(0, len(samples), BATCH):
+        embedding = clip_colors.image_embeddings(clip, _pictures(samples[i:i + BATCH]), fp16_on_cuda=True)
+        values.append(head(embedding.to(next(head.parameters()).device)).float().cpu())
+    return _records(samples, torch.cat(values) if values else torch.zeros(0))
+
+
+def _mean_metric(name: str, scale: str, clamp_at_zero: bool = False):
+    def aggregate(records: list[dict]) -> list[Metric]:
+        if not records:
+            raise ValueError(f"{name}: no records to aggregate (was the sample list empty?)")
+        mean = float(np.mean([r["score"] for r in records]))
+        return [Metric(name, max(mean, 0.0) if clamp_at_zero else mean, scale=scale)]
+    return aggregate
+
+
+def _check(*weights: clip_colors.ClipWeights, head: bool = False):
+    def check() -> None:
+        for w in weights:
+            folder = w.folder()
+            if w is PICKSCORE_WEIGHTS:
+                pickscore_tokenizer_folder(folder)
+        if head:
+            aesthetic_head_path()
+    return check
+
+
+PICKSCORE = Evaluator(
+    name="pickscore", version="1",
+    description="PickScore_v1: logit_scale.exp() * cos(prompt, image), CLIP-H fine-tuned on Pick-a-Pic; mean over images.",
+    score=score_pickscore, aggregate=_mean_metric("pickscore", "~18-24"), reward_field="score",
+    check_ready=_check(PICKSCORE_WEIGHTS))
+CLIPSCORE = Evaluator(
+    name="clipscore", version="1",
+    description="CLIPScore as torchmetrics: 100 * cos(prompt, image), CLIP ViT-L/14; metric = max(mean, 0).",
+    score=score_clipscore, aggregate=_mean_metric("clipscore", "0-100", clamp_at_zero=True), reward_field="score",
+    check_ready=_check(CLIP_L14_WEIGHTS))
+CLIPSCORE_HESSEL = Evaluator(
+    name="clipscore-hessel", version="1",
+    description="CLIPScore (Hessel et al. 2021): 2.5 * max(cos, 0), CLIP ViT-B/32, caption 'A photo depicts <prompt>'.",
+    score=score_clipscore_hessel, aggregate=_mean_metric("clipscore_hessel", "0-2.5"), reward_field="score",
+    check_ready=_check(CLIP_B32_WEIGHTS))
+LAION_AESTHETIC = Evaluator(
+    name="laion-aesthetic", version="1",
+    description="LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on the normalised CLIP ViT-L/14 "
+                "image embedding; mean over images.",
+    score=score_aesthetic, aggregate=_mean_metric("laion_aesthetic", "~1-10"), reward_field="score",
+    check_ready=_check(CLIP_L14_WEIGHTS, head=True))

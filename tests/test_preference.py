@@ -1,0 +1,140 @@
+"""The CLIP-family preference scorers (evaluators/preference.py) on a tiny random CLIP (tests/conftest.py): each
+score against an independent computation through transformers' own CLIPModel forward, the official
+aggregation rules, the aesthetic head's official key names, and clear errors for missing weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evaluators import clip_colors, preference
+from evaluators.base import Sample
+from harness import registry
+
+
+@pytest.fixture()
+def weights_env(tiny_clip_dir, tmp_path, monkeypatch):
+    """Every scorer pointed at the tiny CLIP, plus a random aesthetic head in the official layout."""
+    for w in (preference.PICKSCORE_WEIGHTS, preference.CLIP_L14_WEIGHTS, preference.CLIP_B32_WEIGHTS):
+        monkeypatch.setenv(w.env, str(tiny_clip_dir))
+    torch.manual_seed(1)
+    dim = clip_colors.load_clip(tiny_clip_dir).model.config.projection_dim
+    head = preference.AestheticHead(dim)
+    torch.save(head.state_dict(), tmp_path / preference.AESTHETIC_HEAD_NAME)
+    monkeypatch.setenv(preference.AESTHETIC_HEAD_ENV, str(tmp_path / preference.AESTHETIC_HEAD_NAME))
+    monkeypatch.setattr(preference, "_LOADED", {})
+    return head
+
+
+def samples(n: int = 3) -> list[Sample]:
+    rng = np.random.default_rng(0)
+    prompts = ["a red photo", "a dog and a cat", "three green apples", "a photo of a red car"]
+    return [Sample(key=f"{i:05d}/0000", metadata={"tag": "dense", "prompt": prompts[i % len(prompts)]},
+                   image=rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def reference_logits(folder, texts: list[str], items: list[Sample]) -> tuple[torch.Tensor, float]:
+    """logit_scale.exp() * cos for matching (text, image) pairs, from CLIPModel.forward."""
+    clip = clip_colors.load_clip(folder)
+    tokens = clip.tokenizer(texts, padding=True, return_tensors="pt")
+    pixels = torch.stack([clip_colors.preprocess(p, clip.image_size) for p in preference._pictures(items)])
+    with torch.no_grad():
+        out = clip.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+    return out.logits_per_image.diagonal(), clip.model.logit_scale.exp().item()
+
+
+def test_pickscore_and_clipscore_match_clip_forward(weights_env, tiny_clip_dir):
+    items = samples(3)
+    logits, scale = reference_logits(tiny_clip_dir, [s.metadata["prompt"] for s in items], items)
+    pick = registry.get("evaluators", "pickscore").evaluate(items)
+    got = [pick.records[s.key]["score"] for s in items]
+    assert np.allclose(got, logits.numpy(), atol=1e-4)
+    assert pick.metrics[0].name == "pickscore" and pick.metrics[0].value == pytest.approx(np.mean(got))
+    clip = registry.get("evaluators", "clipscore").evaluate(items)
+    assert np.allclose([clip.records[s.key]["score"] for s in items], 100 * logits.numpy() / scale, atol=1e-3)
+
+
+def test_clipscore_hessel_uses_the_caption_prefix_and_clamps_each_image(weights_env, tiny_clip_dir):
+    items = samples(4)
+    texts = ["A photo depicts " + s.metadata["prompt"] for s in items]
+    logits, scale = reference_logits(tiny_clip_dir, texts, items)
+    cos = logits.numpy() / scale
+    records = registry.get("evaluators", "clipscore-hessel").score(items)
+    assert np.allclose([records[s.key]["score"] for s in items], 2.5 * np.maximum(cos, 0), atol=1e-4)
+    plain, _ = reference_logits(tiny_clip_dir, [s.metadata["prompt"] for s in items], items)
+    assert not np.allclose(plain.numpy() / scale, cos, atol=1e-4)      # the prefix reaches the text encoder
+
+
+def test_clipscore_metrics_clamp_where_their_references_do():
+    """torchmetrics clamps the mean at 0; Hessel clamps each image (so the mean of records stays as is)."""
+    aggregate = registry.get("evaluators", "clipscore").aggregate
+    assert aggregate([{"score": -10.0}, {"score": 30.0}])[0].value == 10.0
+    assert aggregate([{"score": -10.0}, {"score": 4.0}])[0].value == 0.0
+    hessel = registry.get("evaluators", "clipscore-hessel").aggregate([{"score": 0.0}, {"score": 0.5}])[0]
+    assert hessel.name == "clipscore_hessel" and hessel.value == 0.25
+    with pytest.raises(ValueError, match="no records"):
+        aggregate([])
+
+
+def test_aesthetic_is_the_official_mlp_on_the_normalised_image_embedding(weights_env, tiny_clip_dir):
+    head = weights_env
+    assert sorted(head.state_dict()) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
+    items = samples(3)
+    clip = clip_colors.load_clip(tiny_clip_dir)
+    with torch.no_grad():
+        pixels = torch.stack([clip_colors.preprocess(p, clip.image_size) for p in preference._pictures(items)])
+        features = clip.model.get_image_features(pixel_values=pixels)
+        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        x = features / features.norm(dim=-1, keepdim=True)
+        for layer in (head.layers[0], head.layers[2], head.layers[4], head.layers[6], head.layers[7]):
+            x = layer(x)          # no activations between the layers; dropout is off in eval
+    records = registry.get("evaluators", "laion-aesthetic").score(items)
+    assert np.allclose([records[s.key]["score"] for s in items], x.squeeze(-1).numpy(), atol=1e-5)
+
+
+def test_aesthetic_head_with_other_keys_or_width_is_refused(tiny_clip_dir, tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(1, 768)}, bad)
+    with pytest.raises(ValueError, match="not the LAION aesthetic predictor"):
+        preference.load_aesthetic_head(bad, 768)
+    torch.save(preference.AestheticHead(768).state_dict(), bad)
+    with pytest.raises(ValueError, match="takes 768-dim embeddings but the CLIP model gives 16"):
+        preference.load_aesthetic_head(bad, 16)
+
+
+def test_missing_weights_fail_before_scoring_and_name_what_to_get(tiny_clip_dir, tmp_path, monkeypatch):
+    from trainers.rewards import build_reward
+
+    for name in ("pickscore", "clipscore", "clipscore-hessel", "laion-aesthetic"):
+        for w in (preference.PICKSCORE_WEIGHTS, preference.CLIP_L14_WEIGHTS, preference.CLIP_B32_WEIGHTS):
+            monkeypatch.delenv(w.env, raising=False)
+        evaluator = registry.get("evaluators", name)
+        assert evaluator.reward_field == "score"
+        with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+            evaluator.check_ready()
+        with pytest.raises(FileNotFoundError):
+            build_reward({name: 1.0})
+    monkeypatch.setenv(preference.CLIP_L14_WEIGHTS.env, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        registry.get("evaluators", "clipscore").check_ready()
+    monkeypatch.setenv(preference.CLIP_L14_WEIGHTS.env, str(tiny_clip_dir))
+    monkeypatch.delenv(preference.AESTHETIC_HEAD_ENV, raising=False)
+    registry.get("evaluators", "clipscore").check_ready()
+    with pytest.raises(FileNotFoundError, match="sac\\+logos\\+ava1-l14-linearMSE.pth"):
+        registry.get("evaluators", "laion-aesthetic").check_ready()
+
+
+def test_pickscore_without_a_tokenizer_takes_the_named_one(tiny_clip_dir, tmp_path, monkeypatch):
+    weights_only = tmp_path / "pickscore"
+    clip_colors.load_clip(tiny_clip_dir).model.save_pretrained(weights_only)
+    monkeypatch.setenv(preference.PICKSCORE_WEIGHTS.env, str(weights_only))
+    monkeypatch.delenv(preference.PICKSCORE_TOKENIZER_ENV, raising=False)
+    monkeypatch.setattr(preference, "_LOADED", {})
+    with pytest.raises(FileNotFoundError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        registry.get("evaluators", "pickscore").check_ready()
+    monkeypatch.setenv(preference.PICKSCORE_TOKENIZER_ENV, str(tiny_clip_dir))
+    registry.get("evaluators", "pickscore").check_ready()
+    items = samples(2)
+    logits, _ = reference_logits(tiny_clip_dir, [s.metadata["prompt"] for s in items], items)
+    records = registry.get("evaluators", "pickscore").score(items)
+    assert np.allclose([records[s.key]["score"] for s in items], logits.numpy(), atol=1e-4)
