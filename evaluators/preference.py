@@ -133,23 +133,25 @@ def cosines(clip: clip_colors.ColorClassifier, samples: list[Sample], prefix: st
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _records(samples: list[Sample], values: torch.Tensor) -> dict[str, dict]:
-    return {s.key: {"prompt": s.metadata["prompt"], "score": float(v)} for s, v in zip(samples, values.tolist())}
+def score_records(samples: list[Sample], values) -> dict[str, dict]:
+    """{sample key: {prompt, score}} for one score per sample, in order."""
+    values = values.tolist() if isinstance(values, torch.Tensor) else values
+    return {s.key: {"prompt": s.metadata["prompt"], "score": float(v)} for s, v in zip(samples, values)}
 
 
 @torch.no_grad()
 def score_pickscore(samples: list[Sample]) -> dict[str, dict]:
     clip = clip_model(PICKSCORE_WEIGHTS)
-    return _records(samples, clip.model.logit_scale.exp().cpu() * cosines(clip, samples))
+    return score_records(samples, clip.model.logit_scale.exp().cpu() * cosines(clip, samples))
 
 
 def score_clipscore(samples: list[Sample]) -> dict[str, dict]:
-    return _records(samples, 100.0 * cosines(clip_model(CLIP_L14_WEIGHTS), samples))
+    return score_records(samples, 100.0 * cosines(clip_model(CLIP_L14_WEIGHTS), samples))
 
 
 def score_clipscore_hessel(samples: list[Sample]) -> dict[str, dict]:
     cos = cosines(clip_model(CLIP_B32_WEIGHTS), samples, prefix="A photo depicts ", fp16_on_cuda=True)
-    return _records(samples, 2.5 * cos.clamp(min=0))
+    return score_records(samples, 2.5 * cos.clamp(min=0))
 
 
 @torch.no_grad()
@@ -160,10 +162,11 @@ def score_aesthetic(samples: list[Sample]) -> dict[str, dict]:
     for i in range(0, len(samples), BATCH):
         embedding = clip_colors.image_embeddings(clip, _pictures(samples[i:i + BATCH]), fp16_on_cuda=True)
         values.append(head(embedding.to(next(head.parameters()).device)).float().cpu())
-    return _records(samples, torch.cat(values) if values else torch.zeros(0))
+    return score_records(samples, torch.cat(values) if values else torch.zeros(0))
 
 
-def _mean_metric(name: str, scale: str, clamp_at_zero: bool = False):
+def mean_score_metric(name: str, scale: str, clamp_at_zero: bool = False):
+    """An aggregate: the mean of the records' scores as one metric (clamped at 0 after the mean if asked)."""
     def aggregate(records: list[dict]) -> list[Metric]:
         if not records:
             raise ValueError(f"{name}: no records to aggregate (was the sample list empty?)")
@@ -186,21 +189,21 @@ def _check(*weights: clip_colors.ClipWeights, head: bool = False):
 PICKSCORE = Evaluator(
     name="pickscore", version="1",
     description="PickScore_v1: logit_scale.exp() * cos(prompt, image), CLIP-H fine-tuned on Pick-a-Pic; mean over images.",
-    score=score_pickscore, aggregate=_mean_metric("pickscore", "~18-24"), reward_field="score",
+    score=score_pickscore, aggregate=mean_score_metric("pickscore", "~18-24"), reward_field="score",
     check_ready=_check(PICKSCORE_WEIGHTS))
 CLIPSCORE = Evaluator(
     name="clipscore", version="1",
     description="CLIPScore as torchmetrics: 100 * cos(prompt, image), CLIP ViT-L/14; metric = max(mean, 0).",
-    score=score_clipscore, aggregate=_mean_metric("clipscore", "0-100", clamp_at_zero=True), reward_field="score",
+    score=score_clipscore, aggregate=mean_score_metric("clipscore", "0-100", clamp_at_zero=True), reward_field="score",
     check_ready=_check(CLIP_L14_WEIGHTS))
 CLIPSCORE_HESSEL = Evaluator(
     name="clipscore-hessel", version="1",
     description="CLIPScore (Hessel et al. 2021): 2.5 * max(cos, 0), CLIP ViT-B/32, caption 'A photo depicts <prompt>'.",
-    score=score_clipscore_hessel, aggregate=_mean_metric("clipscore_hessel", "0-2.5"), reward_field="score",
+    score=score_clipscore_hessel, aggregate=mean_score_metric("clipscore_hessel", "0-2.5"), reward_field="score",
     check_ready=_check(CLIP_B32_WEIGHTS))
 LAION_AESTHETIC = Evaluator(
     name="laion-aesthetic", version="1",
     description="LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on the normalised CLIP ViT-L/14 "
                 "image embedding; mean over images.",
-    score=score_aesthetic, aggregate=_mean_metric("laion_aesthetic", "~1-10"), reward_field="score",
+    score=score_aesthetic, aggregate=mean_score_metric("laion_aesthetic", "~1-10"), reward_field="score",
     check_ready=_check(CLIP_L14_WEIGHTS, head=True))

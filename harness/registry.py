@@ -35,6 +35,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "clipscore": "evaluators.preference:CLIPSCORE",
         "clipscore-hessel": "evaluators.preference:CLIPSCORE_HESSEL",
         "laion-aesthetic": "evaluators.preference:LAION_AESTHETIC",
+        "imagereward": "evaluators.imagereward:IMAGEREWARD",
     },
     "suites": {},  # filled from evaluators/suites/*.yaml on first lookup (see evaluators/suites.py)
 }
