@@ -129,7 +129,7 @@ def preprocess(crop: Image.Image, size: int) -> torch.Tensor:
 
 # --- embeddings -------------------------------------------------------------------------------------------------
 
-def _features(output: Any) -> torch.Tensor:
+def projected_features(output: Any) -> torch.Tensor:
     """get_*_features returns a tensor in transformers 4 and an output with the projected pooler_output in 5."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -138,7 +138,7 @@ def _features(output: Any) -> torch.Tensor:
 def text_embeddings(clf: ColorClassifier, texts: list[str]) -> torch.Tensor:
     """L2-normalised CLIP text embeddings [len(texts), D]."""
     tokens = clf.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(clf.device)
-    features = _features(clf.model.get_text_features(input_ids=tokens["input_ids"],
+    features = projected_features(clf.model.get_text_features(input_ids=tokens["input_ids"],
                                                      attention_mask=tokens["attention_mask"]))
     return torch.nn.functional.normalize(features.float(), dim=-1)
 
@@ -149,7 +149,7 @@ def image_embeddings(clf: ColorClassifier, crops: list[Image.Image], fp16_on_cud
     amp=True (scorers whose reference runs in float32 pass fp16_on_cuda=False)."""
     pixels = torch.stack([preprocess(c, clf.image_size) for c in crops]).to(clf.device)
     with torch.autocast("cuda", dtype=torch.float16, enabled=fp16_on_cuda and str(clf.device).startswith("cuda")):
-        features = _features(clf.model.get_image_features(pixel_values=pixels))
+        features = projected_features(clf.model.get_image_features(pixel_values=pixels))
     return torch.nn.functional.normalize(features.float(), dim=-1)
 
 

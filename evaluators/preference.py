@@ -68,15 +68,20 @@ def clip_model(weights: clip_colors.ClipWeights) -> clip_colors.ColorClassifier:
     return _LOADED[key]
 
 
-def aesthetic_head_path() -> Path:
-    how = f"download {AESTHETIC_HEAD_URL} and set ${AESTHETIC_HEAD_ENV} to the file"
-    raw = os.environ.get(AESTHETIC_HEAD_ENV)
+def weights_file(env: str, what: str, how: str) -> Path:
+    """The file named by $env; FileNotFoundError naming `what` and `how` to get it."""
+    raw = os.environ.get(env)
     if not raw:
-        raise FileNotFoundError(f"no LAION aesthetic head given ({AESTHETIC_HEAD_NAME}): {how}")
+        raise FileNotFoundError(f"no {what} given: {how}")
     path = Path(raw).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"LAION aesthetic head not found: {path}; {how}")
+        raise FileNotFoundError(f"{what} not found: {path}; {how}")
     return path
+
+
+def aesthetic_head_path() -> Path:
+    return weights_file(AESTHETIC_HEAD_ENV, f"LAION aesthetic head ({AESTHETIC_HEAD_NAME})",
+                        f"download {AESTHETIC_HEAD_URL} and set ${AESTHETIC_HEAD_ENV} to the file")
 
 
 class AestheticHead(torch.nn.Module):

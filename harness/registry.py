@@ -36,6 +36,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "clipscore-hessel": "evaluators.preference:CLIPSCORE_HESSEL",
         "laion-aesthetic": "evaluators.preference:LAION_AESTHETIC",
         "imagereward": "evaluators.imagereward:IMAGEREWARD",
+        "hpsv21": "evaluators.hps:HPSV21",
     },
     "suites": {},  # filled from evaluators/suites/*.yaml on first lookup (see evaluators/suites.py)
 }

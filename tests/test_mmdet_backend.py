@@ -79,7 +79,7 @@ def test_classifier_is_the_renormalised_mean_of_normalised_template_embeddings(c
             single = []
             for text in texts:
                 ids = clf.tokenizer([text], return_tensors="pt")
-                feats = clip_colors._features(clf.model.get_text_features(**ids))[0]
+                feats = clip_colors.projected_features(clf.model.get_text_features(**ids))[0]
                 single.append(feats / feats.norm())
             mean = torch.stack(single).mean(0)
             assert torch.allclose(weights[:, k], mean / mean.norm(), atol=1e-5)

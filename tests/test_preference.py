@@ -83,8 +83,7 @@ def test_aesthetic_is_the_official_mlp_on_the_normalised_image_embedding(weights
     clip = clip_colors.load_clip(tiny_clip_dir)
     with torch.no_grad():
         pixels = torch.stack([clip_colors.preprocess(p, clip.image_size) for p in preference._pictures(items)])
-        features = clip.model.get_image_features(pixel_values=pixels)
-        features = features if isinstance(features, torch.Tensor) else features.pooler_output
+        features = clip_colors.projected_features(clip.model.get_image_features(pixel_values=pixels))
         x = features / features.norm(dim=-1, keepdim=True)
         for layer in (head.layers[0], head.layers[2], head.layers[4], head.layers[6], head.layers[7]):
             x = layer(x)          # no activations between the layers; dropout is off in eval
