@@ -137,3 +137,45 @@ def test_pickscore_without_a_tokenizer_takes_the_named_one(tiny_clip_dir, tmp_pa
     logits, _ = reference_logits(tiny_clip_dir, [s.metadata["prompt"] for s in items], items)
     records = registry.get("evaluators", "pickscore").score(items)
     assert np.allclose([records[s.key]["score"] for s in items], logits.numpy(), atol=1e-4)
+
+
+PREFERENCE_SUITE = """
+name: t-preference
+version: 1
+backbones: [tiny]
+prompts: {kind: shapes-dense, split: eval, count: 2, seed: 1}
+images_per_prompt: 4
+sampler: {steps: 2, cfg: 1.0}
+evaluators: [clipscore, laion-aesthetic]
+layout: dpg
+"""
+
+
+def test_a_dpg_layout_suite_scores_every_tile_and_stores_the_metrics(weights_env, tiny_clip_dir, tmp_path):
+    """The preference scorers inside the eval runner: each tile of the 2x2 grids is one image, and the stored
+    metric is the mean over the tiles of what the scorer gives those tiles directly."""
+    from PIL import Image
+
+    from evaluators import run as runner
+    from evaluators.dpg import split_grid
+    from evaluators.suites import load_suite
+    from harness.backbones.tiny import load_tiny
+    from harness.store import ResultsStore
+
+    bb = load_tiny("", d_model=32, n_layers=1, n_heads=2, mlp_hidden=64)
+    bb.save(tmp_path / "model.safetensors")
+    (tmp_path / "suite.yaml").write_text(PREFERENCE_SUITE)
+    suite = load_suite(tmp_path / "suite.yaml")
+    with ResultsStore(tmp_path / "store.sqlite") as store:
+        metrics = runner.evaluate(bb, suite, checkpoint_path=tmp_path / "model.safetensors", store=store,
+                                  out_root=tmp_path / "images", batch_size=4)
+    grids = sorted((next((tmp_path / "images" / "t-preference").iterdir()) / "grids").iterdir())
+    assert len(grids) == 2
+    prompts = {p.prompt_id: p for p in runner.suite_prompts(suite)}
+    tiles = [Sample(key=f"{g.stem}/{t}", metadata=prompts[g.stem].metadata, image=np.asarray(tile))
+             for g in grids for t, tile in enumerate(split_grid(Image.open(g).convert("RGB")))]
+    assert len(tiles) == 8
+    direct = registry.get("evaluators", "clipscore").score(tiles)
+    assert metrics["clipscore"] == pytest.approx(max(np.mean([r["score"] for r in direct.values()]), 0.0), abs=1e-4)
+    aesthetic = registry.get("evaluators", "laion-aesthetic").score(tiles)
+    assert metrics["laion_aesthetic"] == pytest.approx(np.mean([r["score"] for r in aesthetic.values()]), abs=1e-5)

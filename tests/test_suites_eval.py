@@ -114,13 +114,13 @@ def test_dpg_layout_needs_four_images(tmp_path):
         load_suite(write(tmp_path, DPG_SUITE.replace("images_per_prompt: 4", "images_per_prompt: 3")))
 
 
-def test_shipped_suites_validate_and_meet_their_rules():
+def test_shipped_suites_validate_and_meet_their_rules(monkeypatch):
     assert {"shapes-geneval", "shapes-dpg", "shapes-quality", "geneval", "dpg"} <= set(registry.names("suites"))
     for name in registry.names("suites"):
         suite = load_suite(name)
         assert suite.name == name and suite.version
     assert suites_for_backbone("tiny") == ["shapes-dpg", "shapes-geneval", "shapes-quality"]
-    assert suites_for_backbone("mmada") == ["dpg", "geneval"]
+    assert suites_for_backbone("mmada") == ["dpg", "geneval", "preference", "quality"]
 
     geneval = load_suite("shapes-geneval")
     prompts = suite_prompts(geneval)
@@ -148,6 +148,12 @@ def test_shipped_suites_validate_and_meet_their_rules():
         assert "make mmdet" in str(e)
     except FileNotFoundError as e:     # no model files here (tests/test_mmdet_backend.py checks the case with files)
         assert "mask2former" in str(e) or "clip-vit-large-patch14" in str(e)
+    # the preference scorers need only transformers: without weights they stop before any image, naming the file
+    for var in ("HARNESS_IMAGEREWARD_DIR", "HARNESS_HPS_CHECKPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    for name, needs in (("quality", "ImageReward"), ("preference", "HPS")):
+        with pytest.raises(FileNotFoundError, match=needs):
+            runner.resolve_evaluators(load_suite(name))
 
 
 def test_official_suites_read_the_official_files(monkeypatch):
