@@ -67,6 +67,27 @@ def run_dir(out_root: str | os.PathLike, suite: Suite, checkpoint_hash: str, see
     return Path(out_root) / suite.name / f"{checkpoint_hash[:12]}-v{suite.version}{extra}"
 
 
+IMAGE_FIELDS = ("prompts", "images_per_prompt", "min_images_per_tag", "seed", "sampler", "resolution", "layout")
+
+
+def image_source(suite: Suite, seed_override: int | None = None) -> Suite:
+    """The suite whose image folder `suite` uses: itself, or its `images_from` when everything that decides the
+    images is the same (so scoring dpg, quality and preference on one checkpoint draws the images once)."""
+    if not suite.images_from:
+        return suite
+    source = load_suite(suite.images_from)
+    if seed_override is not None:
+        source = source.model_copy(update={"seed": seed_override})
+    if source.images_from:
+        raise ValueError(f"suite {suite.name!r} takes its images from {source.name!r}, which takes its own from "
+                         f"{source.images_from!r}; point {suite.name!r} at the suite that draws them")
+    differ = [f for f in IMAGE_FIELDS if getattr(source, f) != getattr(suite, f)]
+    if differ:
+        raise ValueError(f"suite {suite.name!r} takes its images from {source.name!r}, but their "
+                         f"{', '.join(differ)} differ; make them equal or remove images_from")
+    return source
+
+
 def weights_hash(checkpoint_path: str | os.PathLike) -> str:
     """Identity of a checkpoint: a folder holding model.safetensors (a run checkpoint) is identified by that
     file alone, so the trainer state saved beside it does not split the image cache; otherwise
@@ -121,10 +142,11 @@ def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if checkpoint_hash is None:
         checkpoint_hash = weights_hash(checkpoint_path)
+    images = image_source(suite, seed_override)
     prompts = suite_prompts(suite)
     stride = index_stride(prompts)
     image_protocol = {
-        "suite": suite.name, "suite_version": suite.version, "backbone": backbone.name,
+        "suite": images.name, "suite_version": images.version, "backbone": backbone.name,
         "checkpoint_hash": checkpoint_hash, "seed": suite.seed, "sampler": _sampler_dict(cfg),
         "resolution": list(backbone.image_size), "layout": suite.layout, "index_stride": stride,
         "prompts_sha256": prompts_digest(prompts),
@@ -137,8 +159,8 @@ def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike
     if done is not None:
         return done
 
-    root = run_dir(out_root, suite, checkpoint_hash, seed_override)
-    _prepare_folder(root, suite, prompts, image_protocol)
+    root = run_dir(out_root, images, checkpoint_hash, seed_override)
+    _prepare_folder(root, images, prompts, image_protocol)
     eval_id = store.begin_evaluation(
         suite.name, suite.version, str(checkpoint_path), suite.seed, protocol, checkpoint_hash=checkpoint_hash,
         backbone=backbone.name, method=method, run=run, step=step, resume=True,

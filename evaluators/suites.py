@@ -125,6 +125,9 @@ class Suite(Strict):
     resolution: int | None = Field(default=None, ge=1)    # side of saved images; None = the backbone's own
     evaluators: list[str] = Field(min_length=1)
     layout: Literal["geneval", "dpg"]
+    # another suite (name or path) whose images this one scores instead of drawing its own; prompts, seed,
+    # sampler, resolution and layout must then be the same (checked when the suite runs)
+    images_from: str | None = None
 
     @field_validator("backbones")
     @classmethod

@@ -152,6 +152,7 @@ def test_shipped_suites_validate_and_meet_their_rules(monkeypatch):
     for var in ("HARNESS_IMAGEREWARD_DIR", "HARNESS_HPS_CHECKPOINT"):
         monkeypatch.delenv(var, raising=False)
     for name, needs in (("quality", "ImageReward"), ("preference", "HPS")):
+        assert runner.image_source(load_suite(name)).name == "dpg"     # scored on the dpg suite's images
         with pytest.raises(FileNotFoundError, match=needs):
             runner.resolve_evaluators(load_suite(name))
 
@@ -262,3 +263,22 @@ def test_evaluate_refuses_wrong_backbone_and_resolution(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="resolution 512"):
         run(bb, ckpt, load_suite(write(tmp_path, GENEVAL_SUITE.replace("resolution: 256", "resolution: 512"))), tmp_path)
     assert not (tmp_path / "images").exists()
+
+
+def test_a_suite_can_score_another_suites_images_without_drawing(tmp_path, checkpoint, monkeypatch):
+    """images_from: the second suite scores the first one's folder (no sampler call); a suite whose prompts,
+    sampler or seed differ from its image source is refused, naming the field."""
+    bb, ckpt = checkpoint
+    source = write(tmp_path, DPG_SUITE, "source.yaml")
+    first = run(bb, ckpt, load_suite(source), tmp_path)
+    borrowed = DPG_SUITE.replace("name: t-dpg", "name: t-dpg-again") + f"images_from: {source}\n"
+    drawn = count_sampled(monkeypatch)
+    again = run(bb, ckpt, load_suite(write(tmp_path, borrowed, "again.yaml")), tmp_path)
+    assert drawn == [] and again == first
+    assert [d.name for d in (tmp_path / "images").iterdir()] == ["t-dpg"]
+
+    for change, field in ((("seed: 1}", "seed: 2}"), "prompts"), (("steps: 2,", "steps: 3,"), "sampler"),
+                          (("version: 1", "version: 1\nseed: 9"), "seed")):
+        other = write(tmp_path, borrowed.replace(*change), "other.yaml")
+        with pytest.raises(ValueError, match=f"takes its images from 't-dpg', but their {field} differ"):
+            run(bb, ckpt, load_suite(other), tmp_path)
