@@ -313,6 +313,9 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
              device: str = typer.Option("auto")):
     """Evaluate checkpoints (or a folder of images) on suites; results go to the store.
 
+    Named suites must all be able to run (backends, model files, prompt files) or nothing starts; 'all' runs
+    those that can and says why it skips the others.
+
     Images are cached under OUT/<suite>/<checkpoint-hash[:12]>-v<version>/: a re-run draws and scores only
     what is missing, and an interrupted run resumes.
 
@@ -323,7 +326,7 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
       harness eval --suite geneval --images my_geneval_images/ --backbone mmada
     """
     from evaluators.run import evaluate, evaluate_images_dir, resolve_evaluators
-    from evaluators.suites import load_suite, suites_for_backbone
+    from evaluators.suites import load_suite, suite_prompts, suites_for_backbone
     from harness.store import ResultsStore
 
     sources = [x for x in (checkpoint, run, images) if x is not None]
@@ -334,8 +337,21 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
     if not names:
         _fail(f"no suite applies to backbone {backbone!r}", 2)
     suites = [load_suite(name) for name in names]      # unknown names fail here, before any work
+    runnable = []
     for s in suites:
-        resolve_evaluators(s)                           # so does an evaluator whose backend is missing
+        try:     # so does an evaluator whose backend or model files are missing, or prompts not fetched
+            resolve_evaluators(s)
+            suite_prompts(s)
+        except (KeyError, ImportError, OSError, ValueError) as e:
+            if suite != "all":
+                raise
+            # 'all' means every suite that can run here: say what is skipped and why, and go on
+            typer.echo(f"skipping suite {s.name}: {e.args[0] if isinstance(e, KeyError) else e}", err=True)
+            continue
+        runnable.append(s)
+    if not runnable:
+        _fail(f"none of the suites of backbone {backbone!r} can run here (reasons above)", 1)
+    suites = runnable
 
     with ResultsStore(store) as results, _progress_bar() as bar:
         if images is not None:
