@@ -61,15 +61,10 @@ class ClipWeights:
 
     def folder(self, path: str | os.PathLike | None = None) -> Path:
         """`path`, else $env; FileNotFoundError saying how to get the model."""
+        from evaluators.local_weights import weights_folder
         how = (f"download the HF model {self.hf_id!r} once (e.g. `huggingface-cli download {self.hf_id} "
                f"--local-dir DIR`) and pass its folder or set ${self.env}=DIR")
-        raw = path if path is not None else os.environ.get(self.env)
-        if not raw:
-            raise FileNotFoundError(f"no folder given for {self.hf_id}: {how}")
-        folder = Path(raw).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} has no config.json (expected a save of {self.hf_id!r}): {how}")
-        return folder
+        return weights_folder(self.env, self.hf_id, how, ("config.json",), path)
 
 
 CLIP_L14 = ClipWeights(CLIP_DIR_ENV, CLIP_HF_ID)

@@ -5,6 +5,10 @@
 - dpg:     TencentQQGYLab/ELLA at 3c228f1: dpg_bench/prompts/*.txt (1,065 prompts) -> <dest>/dpg/prompts/;
            dpg_bench.csv (the questions) is taken from the same archive when it holds the real file, and its
            sha256 recorded in <dest>/dpg/SOURCE.json, unpinned: no reference copy of it was available.
+- hpsv3:   the HPSv3 scorer's instruction text (the model's input rubric, 2,523 characters) from the
+           official PyPI wheel hpsv3 1.0.0 (sha256-pinned), read with `ast` from
+           hpsv3/dataset/data_collator_qwen.py (nothing of it is run) -> <dest>/hpsv3/instruction.json; checked by
+           the sha256 of the text it builds for "a photo of a cat".
 A folder of files is checked by one digest: sha256 over "<name>\\0<sha256 of file>\\n" in name order.
 
 <dest> defaults to $HARNESS_DATA or ./data, where the suites look (evaluators/suites.py).
@@ -38,7 +42,14 @@ DPG_ARCHIVE_URL = "https://codeload.github.com/TencentQQGYLab/ELLA/tar.gz/{commi
 DPG_PROMPT_COUNT = 1065
 DPG_PROMPTS_DIGEST = "c9c75784dc4dbc8442fd749fdae3b425f55e659a6277fa090611d47912d48fb5"
 
-DATASETS = ("geneval", "dpg")
+HPSV3_WHEEL_URL = ("https://files.pythonhosted.org/packages/20/ed/6feb979b0086f57dc7a8b545693e1dbeffd60c8d942971e0445c65fcf438/"
+                   "hpsv3-1.0.0-py3-none-any.whl")
+HPSV3_WHEEL_SHA256 = "1a1b3ed1f538315ddf0e90c55b9f5c8ab3248d772cd713c11f7dfe35bf867ab3"
+HPSV3_SOURCE_FILE = "hpsv3/dataset/data_collator_qwen.py"
+HPSV3_CHECK_PROMPT = "a photo of a cat"        # instruction.format(text_prompt=...) + suffix: 2,593 characters
+HPSV3_CHECK_SHA256 = "ed13a1b1b6f42463518c1f55de40a864b97876aa12e6e2f367f0a0e44aa4196e"
+
+DATASETS = ("geneval", "dpg", "hpsv3")
 
 
 class FetchError(OSError):
@@ -152,11 +163,43 @@ def fetch_dpg(dest: str | os.PathLike | None = None, prompts: str | os.PathLike 
     return written
 
 
+def hpsv3_instruction_from_source(source: str) -> dict[str, str]:
+    """{"instruction", "suffix"}: the module's INSTRUCTION and prompt_with_special_token string constants."""
+    import ast
+    names = {"INSTRUCTION": "instruction", "prompt_with_special_token": "suffix"}
+    found = {}
+    for node in ast.parse(source).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in names and isinstance(node.value, ast.Constant)):
+            found[names[node.targets[0].id]] = node.value.value
+    missing = sorted(set(names.values()) - set(found))
+    if missing:
+        raise FetchError(f"{HPSV3_SOURCE_FILE} has no string constant for {', '.join(missing)}")
+    return found
+
+
+def fetch_hpsv3(dest: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None) -> list[Path]:
+    """Install the HPSv3 instruction under <dest>/hpsv3/. `prompts`: a local copy of the hpsv3 1.0.0 wheel."""
+    import zipfile
+    source = str(prompts) if prompts is not None else HPSV3_WHEEL_URL
+    wheel = Path(prompts).read_bytes() if prompts is not None else _download(HPSV3_WHEEL_URL)
+    _check_sha("hpsv3-1.0.0-py3-none-any.whl", wheel, HPSV3_WHEEL_SHA256, source)
+    with zipfile.ZipFile(io.BytesIO(wheel)) as archive:
+        texts = hpsv3_instruction_from_source(archive.read(HPSV3_SOURCE_FILE).decode("utf-8"))
+    built = texts["instruction"].format(text_prompt=HPSV3_CHECK_PROMPT) + texts["suffix"]
+    _check_sha("the HPSv3 instruction", built.encode(), HPSV3_CHECK_SHA256, source)
+    out_dir = Path(dest or default_dest()) / "hpsv3"
+    written = [atomic_write_json(out_dir / "instruction.json", texts)]
+    atomic_write_json(out_dir / "SOURCE.json", {"wheel": HPSV3_WHEEL_URL, "wheel_sha256": HPSV3_WHEEL_SHA256,
+                                                "file": HPSV3_SOURCE_FILE, "check_sha256": HPSV3_CHECK_SHA256})
+    return written
+
+
 def fetch(which: str, dest: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None) -> list[Path]:
     if which not in DATASETS:
         import difflib
         close = difflib.get_close_matches(which, DATASETS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown dataset {which!r}.{hint} Known: {', '.join(DATASETS)}")
-    return (fetch_geneval if which == "geneval" else fetch_dpg)(dest, prompts)
+    return {"geneval": fetch_geneval, "dpg": fetch_dpg, "hpsv3": fetch_hpsv3}[which](dest, prompts)
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from evaluators import clip_colors
 from evaluators.base import Evaluator, Sample
-from evaluators.preference import mean_score_metric, score_records, weights_file
+from evaluators.local_weights import weights_file
+from evaluators.preference import mean_score_metric, score_records
 
 CHECKPOINT_ENV = "HARNESS_HPS_CHECKPOINT"
 TOKENIZER_ENV = "HARNESS_HPS_TOKENIZER_DIR"

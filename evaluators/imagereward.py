@@ -30,6 +30,7 @@ from PIL import Image
 
 from evaluators import clip_colors
 from evaluators.base import Evaluator, Sample
+from evaluators.local_weights import weights_folder
 from evaluators.preference import AestheticHead, mean_score_metric, score_records
 
 DIR_ENV = "HARNESS_IMAGEREWARD_DIR"
@@ -49,14 +50,7 @@ _LOADED: dict[str, "ImageRewardModel"] = {}
 def model_folder() -> Path:
     how = (f"download {CHECKPOINT_NAME} and {CONFIG_NAME} from the HF repo {HF_ID} (`huggingface-cli download {HF_ID} "
            f"{CHECKPOINT_NAME} {CONFIG_NAME} --local-dir DIR`) and set ${DIR_ENV}=DIR")
-    raw = os.environ.get(DIR_ENV)
-    if not raw:
-        raise FileNotFoundError(f"no ImageReward folder given: {how}")
-    folder = Path(raw).expanduser()
-    missing = [n for n in (CHECKPOINT_NAME, CONFIG_NAME) if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"${DIR_ENV}={folder} lacks {', '.join(missing)}: {how}")
-    return folder
+    return weights_folder(DIR_ENV, f"ImageReward ({HF_ID})", how, (CHECKPOINT_NAME, CONFIG_NAME))
 
 
 def tokenizer_folder(folder: Path) -> Path:

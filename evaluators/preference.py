@@ -27,6 +27,7 @@ from PIL import Image
 
 from evaluators import clip_colors
 from evaluators.base import Evaluator, Metric, Sample
+from evaluators.local_weights import weights_file
 
 AESTHETIC_HEAD_ENV = "HARNESS_AESTHETIC_HEAD"
 AESTHETIC_HEAD_NAME = "sac+logos+ava1-l14-linearMSE.pth"
@@ -66,17 +67,6 @@ def clip_model(weights: clip_colors.ClipWeights) -> clip_colors.ColorClassifier:
         tokenizer = pickscore_tokenizer_folder(folder) if weights is PICKSCORE_WEIGHTS else None
         _LOADED[key] = clip_colors.load_clip(folder, device=_device(), tokenizer_path=tokenizer)
     return _LOADED[key]
-
-
-def weights_file(env: str, what: str, how: str) -> Path:
-    """The file named by $env; FileNotFoundError naming `what` and `how` to get it."""
-    raw = os.environ.get(env)
-    if not raw:
-        raise FileNotFoundError(f"no {what} given: {how}")
-    path = Path(raw).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}; {how}")
-    return path
 
 
 def aesthetic_head_path() -> Path:

@@ -37,6 +37,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "laion-aesthetic": "evaluators.preference:LAION_AESTHETIC",
         "imagereward": "evaluators.imagereward:IMAGEREWARD",
         "hpsv21": "evaluators.hps:HPSV21",
+        "hpsv3": "evaluators.hpsv3:HPSV3",
     },
     "suites": {},  # filled from evaluators/suites/*.yaml on first lookup (see evaluators/suites.py)
 }

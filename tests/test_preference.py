@@ -114,7 +114,7 @@ def test_missing_weights_fail_before_scoring_and_name_what_to_get(tiny_clip_dir,
         with pytest.raises(FileNotFoundError):
             build_reward({name: 1.0})
     monkeypatch.setenv(preference.CLIP_L14_WEIGHTS.env, str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(FileNotFoundError, match="lacks config.json"):
         registry.get("evaluators", "clipscore").check_ready()
     monkeypatch.setenv(preference.CLIP_L14_WEIGHTS.env, str(tiny_clip_dir))
     monkeypatch.delenv(preference.AESTHETIC_HEAD_ENV, raising=False)
