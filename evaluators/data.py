@@ -9,6 +9,9 @@
            official PyPI wheel hpsv3 1.0.0 (sha256-pinned), read with `ast` from
            hpsv3/dataset/data_collator_qwen.py (nothing of it is run) -> <dest>/hpsv3/instruction.json; checked by
            the sha256 of the text it builds for "a photo of a cat".
+- unipercept: the UniPercept scorer's question template and default system message, likewise from the official
+           PyPI wheel unipercept-reward 1.0.3 (ast, nothing run) -> <dest>/unipercept/prompts.json; checked by
+           the sha256 of its three questions.
 A folder of files is checked by one digest: sha256 over "<name>\\0<sha256 of file>\\n" in name order.
 
 <dest> defaults to $HARNESS_DATA or ./data, where the suites look (evaluators/suites.py).
@@ -49,7 +52,18 @@ HPSV3_SOURCE_FILE = "hpsv3/dataset/data_collator_qwen.py"
 HPSV3_CHECK_PROMPT = "a photo of a cat"        # instruction.format(text_prompt=...) + suffix: 2,593 characters
 HPSV3_CHECK_SHA256 = "ed13a1b1b6f42463518c1f55de40a864b97876aa12e6e2f367f0a0e44aa4196e"
 
-DATASETS = ("geneval", "dpg", "hpsv3")
+UNIPERCEPT_WHEEL_URL = ("https://files.pythonhosted.org/packages/4d/93/052b8476955f9579c3e1d1c7ac89fb15e6ff96cd84ceb2ec559ab97a203c/"
+                        "unipercept_reward-1.0.3-py3-none-any.whl")
+UNIPERCEPT_WHEEL_SHA256 = "6a77a47f89c76426454b5eac096dc8926e984d3a9421cf7a8f0d1a85d9c728cc"
+UNIPERCEPT_MODEL_FILE = "unipercept_reward/internvl/model/internvl_chat/modeling_unipercept.py"
+UNIPERCEPT_CONVERSATION_FILE = "unipercept_reward/internvl/conversation.py"
+UNIPERCEPT_QUESTION_SHA256 = {   # the question for each dimension's description
+    "aesthetics": "9879f2c55a8b70f306b090acfba40c215c3b252ec5f9941fbee98716a1df87a1",
+    "quality": "f36f2a79a2e7dd0fb6655515f06be6d1052f9ef3c18e1336c718ca2be0ea6ef9",
+    "structure and texture richness": "0fd7be812d1d510fad482a0e9c2d6a0935ad6720b6c2ebf7d5320fcca2d452b8",
+}
+
+DATASETS = ("geneval", "dpg", "hpsv3", "unipercept")
 
 
 class FetchError(OSError):
@@ -195,11 +209,53 @@ def fetch_hpsv3(dest: str | os.PathLike | None = None, prompts: str | os.PathLik
     return written
 
 
+def unipercept_prompts_from_source(model_source: str, conversation_source: str) -> dict[str, str]:
+    """{"question": template with {desc}, "system_message"}: the f-string assigned to `question` in `score`, and
+    the system_message of the conversation template named internvl2_5."""
+    import ast
+    question = system = None
+    for node in ast.walk(ast.parse(model_source)):
+        if isinstance(node, ast.FunctionDef) and node.name == "score":
+            for st in ast.walk(node):
+                if (isinstance(st, ast.Assign) and isinstance(st.targets[0], ast.Name) and st.targets[0].id == "question"
+                        and isinstance(st.value, ast.JoinedStr)):
+                    parts = [v.value.replace("{", "{{").replace("}", "}}") if isinstance(v, ast.Constant)
+                             else "{" + ast.unparse(v.value) + "}" for v in st.value.values]
+                    question = "".join(parts)
+    for node in ast.walk(ast.parse(conversation_source)):
+        if isinstance(node, ast.Call):
+            kw = {k.arg: k.value for k in node.keywords}
+            if getattr(kw.get("name"), "value", None) == "internvl2_5" and isinstance(kw.get("system_message"), ast.Constant):
+                system = kw["system_message"].value
+    if question is None or "{desc}" not in question or system is None:
+        raise FetchError("the UniPercept wheel does not hold the expected question f-string / internvl2_5 template")
+    return {"question": question, "system_message": system}
+
+
+def fetch_unipercept(dest: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None) -> list[Path]:
+    """Install the UniPercept prompts under <dest>/unipercept/. `prompts`: a local copy of the 1.0.3 wheel."""
+    import zipfile
+    source = str(prompts) if prompts is not None else UNIPERCEPT_WHEEL_URL
+    wheel = Path(prompts).read_bytes() if prompts is not None else _download(UNIPERCEPT_WHEEL_URL)
+    _check_sha("unipercept_reward-1.0.3-py3-none-any.whl", wheel, UNIPERCEPT_WHEEL_SHA256, source)
+    with zipfile.ZipFile(io.BytesIO(wheel)) as archive:
+        texts = unipercept_prompts_from_source(archive.read(UNIPERCEPT_MODEL_FILE).decode("utf-8"),
+                                               archive.read(UNIPERCEPT_CONVERSATION_FILE).decode("utf-8"))
+    for desc, sha in UNIPERCEPT_QUESTION_SHA256.items():
+        _check_sha(f"the UniPercept question for {desc!r}", texts["question"].format(desc=desc).encode(), sha, source)
+    out_dir = Path(dest or default_dest()) / "unipercept"
+    written = [atomic_write_json(out_dir / "prompts.json", texts)]
+    atomic_write_json(out_dir / "SOURCE.json", {"wheel": UNIPERCEPT_WHEEL_URL, "wheel_sha256": UNIPERCEPT_WHEEL_SHA256,
+                                                "question_sha256": UNIPERCEPT_QUESTION_SHA256})
+    return written
+
+
 def fetch(which: str, dest: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None) -> list[Path]:
     if which not in DATASETS:
         import difflib
         close = difflib.get_close_matches(which, DATASETS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown dataset {which!r}.{hint} Known: {', '.join(DATASETS)}")
-    return {"geneval": fetch_geneval, "dpg": fetch_dpg, "hpsv3": fetch_hpsv3}[which](dest, prompts)
+    return {"geneval": fetch_geneval, "dpg": fetch_dpg, "hpsv3": fetch_hpsv3,
+            "unipercept": fetch_unipercept}[which](dest, prompts)
 

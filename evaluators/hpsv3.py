@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from evaluators.base import Evaluator, Sample
-from evaluators.local_weights import weights_folder
+from evaluators.local_weights import build_in, fetched_json, weights_folder
 from evaluators.preference import mean_score_metric, score_records
 
 DIR_ENV = "HARNESS_HPSV3_DIR"
@@ -62,14 +62,10 @@ def base_folder() -> Path:
 
 
 def instruction() -> dict[str, str]:
-    from evaluators.suites import resolve_data_path
-    path = resolve_data_path("hpsv3/instruction.json")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `harness data fetch hpsv3` (it reads the instruction text "
-                                f"from the official hpsv3 1.0.0 wheel, sha256-pinned)")
-    texts = json.loads(path.read_text())
+    texts = fetched_json("hpsv3/instruction.json", "hpsv3")
     if REWARD_TOKEN not in texts.get("suffix", "") or "{text_prompt}" not in texts.get("instruction", ""):
-        raise ValueError(f"{path} is not the HPSv3 instruction (no {REWARD_TOKEN} / {{text_prompt}}); fetch it again")
+        raise ValueError(f"hpsv3/instruction.json is not the HPSv3 instruction (no {REWARD_TOKEN} / {{text_prompt}}); "
+                         f"fetch it again")
     return texts
 
 
@@ -134,13 +130,7 @@ def load_hpsv3(path: Path, base: Path, device: str = "cpu", dtype: torch.dtype =
                          f"{None if rows is None else rows.shape[0]} rows, the tokenizer with {REWARD_TOKEN} has "
                          f"{len(tokenizer)} tokens")
     config.text_config.vocab_size = rows.shape[0]
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)          # built in the scoring precision: no float32 copy of a 7B model
-    try:
-        with torch.device(device):
-            model = Qwen2VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
+    model = build_in(Qwen2VLForConditionalGeneration, config, device, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit {BASE_HF_ID}'s architecture: missing {missing[:5]}, "

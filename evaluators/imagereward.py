@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from PIL import Image
 
 from evaluators import clip_colors
 from evaluators.base import Evaluator, Sample
-from evaluators.local_weights import weights_folder
+from evaluators.local_weights import renamed, weights_folder
 from evaluators.preference import AestheticHead, mean_score_metric, score_records
 
 DIR_ENV = "HARNESS_IMAGEREWARD_DIR"
@@ -87,12 +86,10 @@ def split_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
     for key, value in state.items():
         if key.startswith("blip.visual_encoder."):
             name = key[len("blip.visual_encoder."):]
-            for pattern, replacement in VISION_RENAMES:
-                if re.search(pattern, name):
-                    vision[re.sub(pattern, replacement, name)] = value
-                    break
-            else:
+            new = renamed(name, VISION_RENAMES)
+            if new is None:
                 raise ValueError(f"unexpected vision key {key!r} in the ImageReward checkpoint")
+            vision[new] = value
         elif key.startswith("blip.text_encoder.") and not key.endswith("position_ids"):
             text[key[len("blip.text_encoder."):]] = value
         elif key.startswith("mlp."):

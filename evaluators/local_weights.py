@@ -1,8 +1,11 @@
 """Model files named by environment variables: found (never downloaded), or a FileNotFoundError that says
-what is missing and how to get it. Checked before any image is drawn (Evaluator.check_ready)."""
+what is missing and how to get it (checked before any image is drawn: Evaluator.check_ready); the texts a
+scorer fetched with `harness data fetch`; and renaming official checkpoint keys onto transformers' names."""
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 
@@ -27,3 +30,33 @@ def weights_folder(env: str, what: str, how: str, required: tuple[str, ...], pat
     if missing:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} (expected {what}): {how}")
     return folder
+
+
+def fetched_json(relative: str, dataset: str) -> dict:
+    """<data>/<relative>, written by `harness data fetch <dataset>`."""
+    from evaluators.suites import resolve_data_path
+    path = resolve_data_path(relative)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `harness data fetch {dataset}` (it reads the text from the "
+                                f"scorer's official wheel, sha256-pinned)")
+    return json.loads(path.read_text())
+
+
+def renamed(name: str, table: list[tuple[str, str]]) -> str | None:
+    """`name` through the first (regex, replacement) of `table` that matches it; None when none does."""
+    for pattern, replacement in table:
+        if re.search(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return None
+
+
+def build_in(model_class, config, device: str, dtype):
+    """model_class(config) created directly on `device` in `dtype` (no float32 copy of a 7B model first)."""
+    import torch
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(default)

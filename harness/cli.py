@@ -386,7 +386,7 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
 
 @data_app.command("fetch")
 @clean_errors
-def data_fetch_cmd(which: str = typer.Argument(..., help="geneval, dpg or hpsv3"),
+def data_fetch_cmd(which: str = typer.Argument(..., help="geneval, dpg, hpsv3 or unipercept"),
                    prompts: Optional[Path] = typer.Option(None, help="copy this local copy instead of downloading"),
                    dest: Optional[Path] = typer.Option(None, help="data folder (default $HARNESS_DATA or ./data)")):
     """Fetch official prompt files at their pinned commits, checked by sha256.

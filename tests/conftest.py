@@ -47,3 +47,20 @@ def tiny_clip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     write_tiny_clip(folder)
     return folder
+
+
+
+@pytest.fixture(scope="session")
+def word_level_tokenizer():
+    """A factory: a fast tokenizer over whole words (unknown ones -> [UNK]) with `specials` kept as single tokens;
+    stands in for the VLM scorers' real tokenizers offline."""
+    def build(words: list[str], specials: list[str], **kwargs):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {t: i for i, t in enumerate(["[UNK]"] + words + specials)}
+        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token=specials[0],
+                                       additional_special_tokens=specials[1:], **kwargs)
+    return build

@@ -15,7 +15,7 @@ from harness import registry
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]
-WORDS = ["[UNK]", "system", "user", "assistant", "You", "are", "a", "helpful", "rate", "this", "image", "for",
+WORDS = ["system", "user", "assistant", "You", "are", "a", "helpful", "rate", "this", "image", "for",
          "photo", "of", "red", "dog", "cat", "score", "end", "now"]
 TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
@@ -26,19 +26,8 @@ TEMPLATE = (
 INSTRUCTION = {"instruction": "rate this image for {text_prompt} now", "suffix": " score <|Reward|> end"}
 
 
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(WORDS + SPECIAL)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", additional_special_tokens=SPECIAL[1:])
-
-
 @pytest.fixture(scope="module")
-def hpsv3_files(tmp_path_factory):
+def hpsv3_files(tmp_path_factory, word_level_tokenizer):
     """(base folder, checkpoint folder, original model, head tensors)."""
     from safetensors.torch import save_file
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -46,7 +35,7 @@ def hpsv3_files(tmp_path_factory):
     from transformers import Qwen2VLImageProcessor
 
     root = tmp_path_factory.mktemp("hpsv3")
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_level_tokenizer(WORDS, SPECIAL, eos_token="<|im_end|>")
     n_tokens = len(tokenizer) + 1               # + <|Reward|>
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
     config = Qwen2VLConfig(
