@@ -57,13 +57,17 @@ SHAPES_QUALITY_METRICS = ("stray_cell_fraction", "shape_fidelity", "background_c
                           "size_spread", "free_color_entropy", "diversity_prompts")
 QUALITY_HEADERS = {"deqa": "DeQA", "imagereward": "ImgReward", "hpsv3": "HPSv3",
                    "unipercept_aesthetics": "UniPercept Aes.", "unipercept_quality": "UniPercept Qual.",
-                   "unipercept_structure": "UniPercept Struct."}
+                   "unipercept_structure": "UniPercept Struct.", "hpsv21": "HPSv2.1", "pickscore": "PickScore",
+                   "clipscore": "CLIPScore", "clipscore_hessel": "CLIPScore (Hessel)", "laion_aesthetic": "LAION Aes."}
+PREFERENCE_METRICS = ("hpsv21", "pickscore", "clipscore", "laion_aesthetic")
 
 TABLES = (
     TableSpec("geneval", "GenEval", GENEVAL_COLUMNS, 2, note="accuracy 0-1; overall = mean of the six tags"),
     TableSpec("dpg", "DPG-Bench", DPG_COLUMNS, 2, note="0-100, per L1 category"),
     TableSpec("quality", "Quality / preference", (), 2, preferred=QUALITY_METRICS,
               note="the paper computes these on DPG-Bench images"),
+    TableSpec("preference", "Preference extras", (), 2, preferred=PREFERENCE_METRICS,
+              note="on DPG-Bench images, each tile scored alone; HPSv2.1 and CLIPScore are 100 x cos"),
     TableSpec("shapes-geneval", "Shapes GenEval", GENEVAL_COLUMNS, 2, note="exact detector, official GenEval rules"),
     TableSpec("shapes-dpg", "Shapes DPG", DPG_COLUMNS, 2, note="0-100; shapes prompts have no 'global' questions"),
     TableSpec("shapes-quality", "Shapes quality (reward-hacking watch)", (), 3, preferred=SHAPES_QUALITY_METRICS),
@@ -86,6 +90,8 @@ def table_key(suite: str) -> str:
         return "geneval"
     if suite.startswith("dpg"):
         return "dpg"
+    if suite.startswith("preference"):
+        return "preference"
     return "quality"
 
 

@@ -61,6 +61,8 @@ def store(tmp_path):
         add_eval(s, "shapes-quality", [metric("stray_cell_fraction", 0.012, False), metric("shape_fidelity", 0.9)])
         # the real benchmark: shares its table with the paper's reported rows
         add_eval(s, "geneval", [metric("geneval_overall", 0.7049), metric("geneval_position", 0.5)])
+        add_eval(s, "quality", [metric("imagereward", 0.861), metric("unipercept_quality", 66.2)])
+        add_eval(s, "preference", [metric("pickscore", 21.5), metric("hpsv21", 28.25)])
         yield s
 
 
@@ -97,9 +99,17 @@ def test_golden_leaderboard_markdown(store):
     assert geneval[2][1:3] == ["SDXL", "–"] and geneval[2][-2] == "0.55"
     assert geneval[-1][1:3] == ["lumina-dimoo", "ht-grpo"] and geneval[-1][-2:] == ["0.92", "paper's own (not recorded)"]
     assert cells(md, "DPG-Bench")[5][1:3] == ["mmada", "base"] and cells(md, "DPG-Bench")[5][-2] == "70.51"
-    # tables with measured rows first, reference-only tables (DPG-Bench, quality) after them
-    order = [md.index(f"## {h}\n") for h in ("GenEval", "Shapes GenEval", "Shapes quality (reward-hacking watch)",
-                                             "DPG-Bench", "Quality / preference", "Protocols")]
+    # the scorers' metric names land in the paper's Table-3 columns, beside its reported rows
+    quality_table = cells(md, "Quality / preference")
+    header = quality_table[0]
+    assert header[6:12] == ["DeQA ↑", "ImgReward ↑", "HPSv3 ↑", "UniPercept Aes. ↑", "UniPercept Qual. ↑",
+                            "UniPercept Struct. ↑"]
+    assert quality_table[1][0] == "measured" and quality_table[1][7] == "0.86" and quality_table[1][10] == "66.20"
+    assert quality_table[2][0] == "reported (Tab. 3)"
+    assert cells(md, "Preference extras")[0][6:8] == ["HPSv2.1 ↑", "PickScore ↑"]
+    # tables with measured rows first, reference-only tables (DPG-Bench) after them
+    order = [md.index(f"## {h}\n") for h in ("GenEval", "Quality / preference", "Preference extras", "Shapes GenEval",
+                                             "Shapes quality (reward-hacking watch)", "DPG-Bench", "Protocols")]
     assert order == sorted(order)
     assert "reported (Tab. 3)" in md and "## Protocols" in md and '"steps": 24' in md
 
