@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from evaluators.base import Evaluator, Sample
-from evaluators.local_weights import build_in, fetched_json, weights_folder
+from evaluators.local_weights import build_in, fetched_json, loaded_once, weights_folder
 from evaluators.preference import mean_score_metric, score_records
 
 DIR_ENV = "HARNESS_HPSV3_DIR"
@@ -144,12 +144,8 @@ def load_hpsv3(path: Path, base: Path, device: str = "cpu", dtype: torch.dtype =
 
 
 def hpsv3_model():
-    path = checkpoint_path()
-    if str(path) not in _LOADED:
-        cuda = torch.cuda.is_available()
-        _LOADED[str(path)] = load_hpsv3(path, base_folder(), "cuda" if cuda else "cpu",
-                                        torch.bfloat16 if cuda else torch.float32)
-    return _LOADED[str(path)]
+    path, base = checkpoint_path(), base_folder()
+    return loaded_once(_LOADED, str(path), lambda device, dtype: load_hpsv3(path, base, device, dtype))
 
 
 def chat_template(base: Path, tokenizer) -> str:

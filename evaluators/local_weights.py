@@ -60,3 +60,13 @@ def build_in(model_class, config, device: str, dtype):
             return model_class(config)
     finally:
         torch.set_default_dtype(default)
+
+
+def loaded_once(cache: dict, key: str, load, half_precision: str = "bfloat16"):
+    """cache[key], else load(device, dtype) stored there: CUDA in half precision when there is a GPU (as the
+    scorers' references run), else the CPU in float32."""
+    if key not in cache:
+        import torch
+        cuda = torch.cuda.is_available()
+        cache[key] = load("cuda" if cuda else "cpu", getattr(torch, half_precision) if cuda else torch.float32)
+    return cache[key]

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from evaluators.base import Evaluator, Sample
-from evaluators.local_weights import build_in, fetched_json, renamed, weights_folder
+from evaluators.local_weights import build_in, fetched_json, loaded_once, renamed, weights_folder
 from evaluators.preference import mean_score_metric, score_records
 
 DIR_ENV = "HARNESS_UNIPERCEPT_DIR"
@@ -164,10 +164,7 @@ def load_unipercept(folder: Path, device: str = "cpu", dtype: torch.dtype = torc
 
 def unipercept_model():
     folder = model_folder()
-    if str(folder) not in _LOADED:
-        cuda = torch.cuda.is_available()
-        _LOADED[str(folder)] = load_unipercept(folder, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32)
-    return _LOADED[str(folder)]
+    return loaded_once(_LOADED, str(folder), lambda device, dtype: load_unipercept(folder, device, dtype))
 
 
 def preprocess(image: np.ndarray, size: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "imagereward": "evaluators.imagereward:IMAGEREWARD",
         "hpsv21": "evaluators.hps:HPSV21",
         "hpsv3": "evaluators.hpsv3:HPSV3",
+        "deqa": "evaluators.deqa:DEQA",
         "unipercept-aesthetics": "evaluators.unipercept:UNIPERCEPT_AESTHETICS",
         "unipercept-quality": "evaluators.unipercept:UNIPERCEPT_QUALITY",
         "unipercept-structure": "evaluators.unipercept:UNIPERCEPT_STRUCTURE",

@@ -130,7 +130,7 @@ def test_unknown_names_give_did_you_mean_and_exit_2(tmp_path):
 def test_eval_all_skips_the_suites_that_cannot_run_here_and_says_why(tmp_path, monkeypatch):
     """On a real backbone without model files every suite is skipped with its reason and nothing starts;
     naming one of them instead fails on its reason."""
-    for var in ("HARNESS_GENEVAL_MODELS", "HARNESS_CLIP_DIR", "HARNESS_IMAGEREWARD_DIR", "HARNESS_HPS_CHECKPOINT"):
+    for var in ("HARNESS_GENEVAL_MODELS", "HARNESS_CLIP_DIR", "HARNESS_DEQA_DIR", "HARNESS_HPS_CHECKPOINT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HARNESS_DATA", str(tmp_path / "no-data"))
     result = invoke("eval", "--suite", "all", "--images", str(tmp_path), "--backbone", "mmada")
@@ -138,9 +138,9 @@ def test_eval_all_skips_the_suites_that_cannot_run_here_and_says_why(tmp_path, m
     skipped = [line.split(":")[0] for line in result.output.splitlines() if line.startswith("skipping suite")]
     assert skipped == ["skipping suite dpg", "skipping suite geneval", "skipping suite preference", "skipping suite quality"]
     assert "none of the suites of backbone 'mmada' can run here" in result.output
-    assert "ImageReward" in result.output and "evaluator 'dpg'" in result.output
+    assert "DeQA" in result.output and "evaluator 'dpg'" in result.output
     named = invoke("eval", "--suite", "quality", "--images", str(tmp_path), "--backbone", "mmada")
-    assert named.exit_code == 1 and "skipping" not in named.output and "ImageReward" in named.output
+    assert named.exit_code == 1 and "skipping" not in named.output and "DeQA" in named.output
 
 
 def test_validate_reports_the_key_path(tmp_path):

@@ -149,9 +149,9 @@ def test_shipped_suites_validate_and_meet_their_rules(monkeypatch):
     except FileNotFoundError as e:     # no model files here (tests/test_mmdet_backend.py checks the case with files)
         assert "mask2former" in str(e) or "clip-vit-large-patch14" in str(e)
     # the preference scorers need only transformers: without weights they stop before any image, naming the file
-    for var in ("HARNESS_IMAGEREWARD_DIR", "HARNESS_HPS_CHECKPOINT"):
+    for var in ("HARNESS_DEQA_DIR", "HARNESS_HPS_CHECKPOINT"):
         monkeypatch.delenv(var, raising=False)
-    for name, needs in (("quality", "ImageReward"), ("preference", "HPS")):
+    for name, needs in (("quality", "DeQA"), ("preference", "HPS")):
         assert runner.image_source(load_suite(name)).name == "dpg"     # scored on the dpg suite's images
         with pytest.raises(FileNotFoundError, match=needs):
             runner.resolve_evaluators(load_suite(name))
