@@ -310,7 +310,9 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
              store: Optional[Path] = typer.Option(None, help="results store (default $HARNESS_STORE or results/store.sqlite)"),
              out: Path = typer.Option(Path("results/images"), help="root of the image folders (the cache)"),
              backbone: str = typer.Option("tiny"), batch_size: int = typer.Option(32, min=1),
-             device: str = typer.Option("auto")):
+             device: str = typer.Option("auto"),
+             overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value changes to every suite, "
+                                                                        "e.g. evaluators=[imagereward]")):
     """Evaluate checkpoints (or a folder of images) on suites; results go to the store.
 
     Named suites must all be able to run (backends, model files, prompt files) or nothing starts; 'all' runs
@@ -324,6 +326,7 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
       harness eval --suite shapes-geneval --checkpoint runs/a/checkpoints/step_000100
       harness eval --suite all --run runs/a
       harness eval --suite geneval --images my_geneval_images/ --backbone mmada
+      harness eval --suite quality --run runs/m --backbone mmada evaluators=[imagereward,hpsv3]
     """
     from evaluators.run import evaluate, evaluate_images_dir, resolve_evaluators
     from evaluators.suites import load_suite, suite_prompts, suites_for_backbone
@@ -336,7 +339,7 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
     names = suites_for_backbone(backbone) if suite == "all" else [s.strip() for s in suite.split(",") if s.strip()]
     if not names:
         _fail(f"no suite applies to backbone {backbone!r}", 2)
-    suites = [load_suite(name) for name in names]      # unknown names fail here, before any work
+    suites = [load_suite(name, overrides or []) for name in names]      # unknown names fail here, before any work
     runnable = []
     for s in suites:
         try:     # so does an evaluator whose backend or model files are missing, or prompts not fetched

@@ -109,6 +109,11 @@ def test_eval_a_run_folder_stores_every_step(tmp_path):
     with ResultsStore(store2) as s:
         rows = s.conn.execute("SELECT run, step, method FROM evaluations").fetchall()
         assert [tuple(r) for r in rows] == [(run, 20, "ht-grpo")]
+    # key=value overrides change the suite for this run (and its stored protocol): other evaluators here
+    result = invoke("eval", "--suite", str(suite), "--checkpoint", str(first), "--store", str(tmp_path / "s3.sqlite"),
+                    "--out", str(tmp_path / "images"), "--device", "cpu", "evaluators=[shapes-quality]")
+    assert result.exit_code == 0, result.output
+    assert "stray_cell_fraction" in result.output and "geneval_overall" not in result.output
 
 
 def test_unknown_names_give_did_you_mean_and_exit_2(tmp_path):
