@@ -12,7 +12,9 @@ Facts from ../shared/docs/metrics_vlm.md section 4, checked against the uniperce
 
 Files (nothing is downloaded): $HARNESS_UNIPERCEPT_DIR = the HF repo Thunderbolt215215/UniPercept (config.json,
 *.safetensors in InternVL's own layout, tokenizer); the question and default system message come from
-`harness data fetch unipercept` (<data>/unipercept/prompts.json), read from the pinned official wheel. The
+`harness data fetch unipercept` (<data>/unipercept/prompts.json), read from the pinned official wheel; a
+`system_message` key in config.json overrides that default even when null (official: the text "None"). Every part
+is built in the dtype asked for, whatever torch_dtype the config's sub-dicts carry. The
 checkpoint is mapped onto transformers' InternVLForConditionalGeneration (names as transformers' InternVL
 conversion script: vision_model -> model.vision_tower, attn.qkv split into q/k/v, ls1/ls2 -> lambda_1/2,
 norm1/2 -> layernorm_before/after, attn.proj -> attention.projection_layer, mlp1.{0,1,3} ->
@@ -116,23 +118,69 @@ def convert_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+# Keys of InternVL-chat's llm_config that are not architecture: the class and remote-code entries, and the dtype
+# and attention backend the checkpoint was saved with. Copying `torch_dtype` / `dtype` would make transformers
+# build the language model in that dtype beside a vision tower in the dtype asked for (bf16 LLM + float32 ViT
+# crashes on the CPU / float32 path); the dtype asked for at load time is the one every part gets.
+LLM_CONFIG_DROPPED = ("architectures", "auto_map", "_name_or_path", "torch_dtype", "dtype", "use_bfloat16",
+                      "attn_implementation", "_attn_implementation")
+
+# InternViT's config defaults, for keys a config.json leaves out (OpenGVLab/InternVL @ 2410d1dbf208f0e799459aff9376e5747dbf41a2,
+# internvl_chat/internvl/model/internvl_chat/configuration_intern_vit.py, InternVisionConfig.__init__; the released
+# InternVL3 / UniPercept configs set all of them explicitly: qkv_bias true, qk_normalization false, layer_norm).
+INTERNVIT_DEFAULTS = {"qkv_bias": False, "qk_normalization": True, "norm_type": "rms_norm", "layer_norm_eps": 1e-6,
+                      "hidden_act": "gelu"}
+
+
+def image_size(original: dict) -> int:
+    """The tile size: InternVL-chat uses `force_image_size or vision_config.image_size` (modeling_internvl_chat.py
+    and UniPercept's modeling_unipercept.py, InternVLChatModel.__init__)."""
+    size = original["vision_config"]["image_size"]
+    forced = original.get("force_image_size") or size
+    if forced != size:
+        raise ValueError(f"force_image_size {forced} != vision_config.image_size {size}: position-embedding "
+                         "interpolation is not implemented here")
+    return size
+
+
+def num_image_token(original: dict) -> int:
+    """<IMG_CONTEXT> tokens per tile, as InternVL-chat: int((size // patch) ** 2 * downsample_ratio ** 2) (256 for
+    InternVL3: 448 px, patch 14, ratio 0.5)."""
+    patch = original["vision_config"]["patch_size"]
+    return int((image_size(original) // patch) ** 2 * original.get("downsample_ratio", 0.5) ** 2)
+
+
+def system_message(original: dict, default) -> str:
+    """The system text InternVL-chat puts in the internvl2_5 template. The official model reads it with
+    `hasattr(config, "system_message")` (OpenGVLab/InternVL @ 2410d1d, modeling_internvl_chat.py L98-101; thunderbolt215/UniPercept
+    @ 34660fffc4a1bf3f6b815ae38adb5edea26a20b1, src/internvl/model/internvl_chat/modeling_unipercept.py L98-101): a
+    `system_message` key in config.json wins even when it is null or empty, and the template formats it with
+    str.format, so null becomes the text "None". Only a config without the key gets the template's default.
+    `default` is a callable giving that default (read only when needed)."""
+    if "system_message" in original:
+        return "{}".format(original["system_message"])
+    return default()
+
+
 def transformers_config(original: dict, image_token_id: int):
     """transformers' InternVLConfig from InternVL-chat's config.json."""
     from transformers import InternVLConfig
     if original.get("ps_version", "v1") != "v2":
         raise ValueError(f"ps_version {original.get('ps_version')!r}: transformers' InternVL implements 'v2' only")
-    vision, llm = original["vision_config"], dict(original["llm_config"])
-    size, patch = vision["image_size"], vision["patch_size"]
+    vision, llm = {**INTERNVIT_DEFAULTS, **original["vision_config"]}, dict(original["llm_config"])
+    size, patch = image_size(original), vision["patch_size"]
     vision_config = dict(hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
                          num_attention_heads=vision["num_attention_heads"], num_hidden_layers=vision["num_hidden_layers"],
-                         image_size=[size, size], patch_size=[patch, patch], attention_bias=vision.get("qkv_bias", True),
-                         use_qk_norm=vision.get("qk_normalization", False), norm_type=vision.get("norm_type", "layer_norm"),
-                         layer_norm_eps=vision.get("layer_norm_eps", 1e-6), hidden_act=vision.get("hidden_act", "gelu"))
-    text_config = {k: v for k, v in llm.items() if k not in ("architectures", "auto_map", "_name_or_path")}
+                         image_size=[size, size], patch_size=[patch, patch], attention_bias=vision["qkv_bias"],
+                         use_qk_norm=vision["qk_normalization"], norm_type=vision["norm_type"],
+                         layer_norm_eps=vision["layer_norm_eps"], hidden_act=vision["hidden_act"])
+    # InternVLChatConfig sets tie_word_embeddings = False for every model size, whatever llm_config says
+    # (configuration_internvl_chat.py, InternVLChatConfig.__init__); transformers would tie by default.
+    text_config = {k: v for k, v in llm.items() if k not in LLM_CONFIG_DROPPED}
+    text_config["tie_word_embeddings"] = False
     return InternVLConfig(vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
                           downsample_ratio=original.get("downsample_ratio", 0.5),
-                          vision_feature_layer=original.get("select_layer", -1),
-                          tie_word_embeddings=llm.get("tie_word_embeddings", False))   # transformers ties by default
+                          vision_feature_layer=original.get("select_layer", -1), tie_word_embeddings=False)
 
 
 def load_unipercept(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
@@ -151,15 +199,13 @@ def load_unipercept(folder: Path, device: str = "cpu", dtype: torch.dtype = torc
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(convert_checkpoint(load_file(str(shard))))
     model = build_in(InternVLForConditionalGeneration, config, device, dtype)
+    if any(p.dtype != dtype for p in model.parameters()):      # every part in the dtype asked for, whatever the config
+        model = model.to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if config.tie_word_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"{folder} does not fit its InternVL config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    vision = config.vision_config
-    per_image = int((vision.image_size[0] // vision.patch_size[0]) ** 2 * config.downsample_ratio ** 2)
-    system = original.get("system_message") or prompts()["system_message"]
-    return model.eval(), tokenizer, system, per_image
+    system = system_message(original, lambda: prompts()["system_message"])
+    return model.eval(), tokenizer, system, num_image_token(original)
 
 
 def unipercept_model():

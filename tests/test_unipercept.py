@@ -63,7 +63,8 @@ def unipercept_files(tmp_path_factory, word_level_tokenizer):
     image_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
     llm = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False)
+               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False,
+               rope_theta=1000000.0)   # as Qwen2.5 (InternVL3)
     config = InternVLConfig(vision_config=dict(**vision, image_size=[448, 448], patch_size=[14, 14],
                                                attention_bias=True, layer_scale_init_value=0.1, norm_type="layer_norm"),
                             text_config=llm, image_token_id=image_id, downsample_ratio=0.5, tie_word_embeddings=False)
@@ -185,3 +186,113 @@ def test_the_question_is_read_from_the_wheel_as_data_and_checked(tmp_path):
     with pytest.raises(data.FetchError, match="sha256"):
         data.fetch("unipercept", dest=tmp_path / "d", prompts=tmp_path / "w.whl")
     assert not (tmp_path / "d" / "unipercept").exists()
+
+
+# --- config.json shaped like the released InternVL3 ones (issue 15 item 5) ------------------------------------------
+
+def internvl3_shaped_config(config: dict, **top) -> dict:
+    """The tiny fixture's config.json with every key a released OpenGVLab/InternVL3-* config.json carries (top level,
+    llm_config and vision_config), bf16 as saved: torch_dtype / use_bfloat16 in all three, rope_scaling dynamic,
+    layer_types, force_image_size 448, dynamic tiling switches (key set as printed from InternVL3-1B's config;
+    OpenGVLab/InternVL @ 2410d1d internvl_chat/shell/internvl3.0/*/internvl3_8b_*.sh: force_image_size 448, ps_version v2)."""
+    llm = {**config["llm_config"], "_name_or_path": "./pretrained/Qwen2.5-7B-Instruct", "attention_dropout": 0.0,
+           "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "initializer_range": 0.02,
+           "layer_types": ["full_attention"] * config["llm_config"]["num_hidden_layers"],
+           "max_position_embeddings": 32768, "max_window_layers": 70, "moe_config": None, "rms_norm_eps": 1e-6,
+           "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+           "sliding_window": None, "torch_dtype": "bfloat16", "use_bfloat16": True, "use_cache": True,
+           "use_sliding_window": False}
+    vision = {**config["vision_config"], "_name_or_path": "OpenGVLab/InternViT-6B-448px-V1-5",
+              "architectures": ["InternVisionModel"], "attention_dropout": 0.0, "drop_path_rate": 0.1, "dropout": 0.0,
+              "initializer_factor": 0.1, "initializer_range": 1e-10, "model_type": "intern_vit_6b", "num_channels": 3,
+              "torch_dtype": "bfloat16", "use_bfloat16": True, "use_flash_attn": False}
+    return {"architectures": ["InternVLChatModel"], "downsample_ratio": 0.5, "dynamic_image_size": True,
+            "force_image_size": 448, "llm_config": llm, "max_dynamic_patch": 12, "min_dynamic_patch": 1,
+            "model_type": "internvl_chat", "pad2square": False, "ps_version": "v2", "select_layer": -1,
+            "template": "internvl2_5", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "use_backbone_lora": 0, "use_llm_lora": 0, "use_thumbnail": True, "vision_config": vision, **top}
+
+
+def model_variant(root, name: str, config: dict):
+    """A model folder with another config.json beside the fixture's weights and tokenizer (linked, not copied)."""
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    for f in (root / "model").iterdir():
+        if f.name != "config.json" and not (folder / f.name).exists():
+            (folder / f.name).symlink_to(f)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def reference_scores(model, tokenizer, system: str, images) -> np.ndarray:
+    """The original model's expectation over the 101 score tokens, internvl2_5 conversation written out by hand."""
+    pixels = torch.stack([unipercept.preprocess(im, 448) for im in images])
+    text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 +
+            "</img>Rate the quality score now<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].expand(len(images), -1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits[:, -1]
+    chosen = logits[:, tokenizer.convert_tokens_to_ids(unipercept.score_tokens())]
+    return (torch.softmax(chosen, -1) @ torch.arange(101.0)).numpy()
+
+
+def ours(folder, images, dtype=torch.float32) -> tuple[np.ndarray, object, str]:
+    model, tokenizer, system, per_image = unipercept.load_unipercept(folder, "cpu", dtype)
+    got = unipercept.unipercept_scores(model, tokenizer, system, per_image, PROMPTS["question"].format(desc="quality"),
+                                       images)
+    return got.numpy(), model, system
+
+
+IMAGES = [np.random.default_rng(1).integers(0, 256, (320, 300, 3), dtype=np.uint8),
+          np.random.default_rng(2).integers(0, 256, (200, 260, 3), dtype=np.uint8)]
+
+
+def test_a_bf16_internvl3_config_loads_every_part_in_the_dtype_asked_for(unipercept_files, monkeypatch):
+    """config.json saved in bf16 (llm_config.torch_dtype: bfloat16): the float32 CPU path must build the language
+    model in float32 too (it was bf16 beside a float32 vision tower: a dtype-mismatch crash), and score as the
+    original model."""
+    root, model, tokenizer = unipercept_files
+    monkeypatch.setenv("HARNESS_DATA", str(root / "data"))
+    original = json.loads((root / "model" / "config.json").read_text())
+    folder = model_variant(root, "internvl3_bf16", internvl3_shaped_config(original))
+    got, loaded, system = ours(folder, IMAGES)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert system == PROMPTS["system_message"]            # no system_message key: the template's default
+    assert np.allclose(got, reference_scores(model, tokenizer, "sys", IMAGES), atol=1e-4)
+    bf16 = unipercept.load_unipercept(folder, "cpu", torch.bfloat16)[0]
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("value, text", [(None, "None"), ("", ""), ("Rate", "Rate")])
+def test_a_system_message_key_wins_even_when_null_as_the_official_hasattr(unipercept_files, monkeypatch, value, text):
+    """InternVL-chat / UniPercept read `hasattr(config, "system_message")`: `"system_message": null` gives the literal
+    system text "None" and "" an empty one; only a config without the key falls back to the template default."""
+    root, model, tokenizer = unipercept_files
+    monkeypatch.setenv("HARNESS_DATA", str(root / "data"))
+    original = json.loads((root / "model" / "config.json").read_text())
+    folder = model_variant(root, f"internvl3_system_{text or 'empty'}", internvl3_shaped_config(original, system_message=value))
+    got, _, system = ours(folder, IMAGES)
+    assert system == text
+    expected = reference_scores(model, tokenizer, text, IMAGES)
+    assert np.allclose(got, expected, atol=1e-4)
+    # the test can tell: the default system text scores differently on this model
+    assert np.abs(expected - reference_scores(model, tokenizer, PROMPTS["system_message"], IMAGES)).max() > 1e-4
+
+
+def test_config_defaults_follow_internvl_chat():
+    """force_image_size is the tile size (it must equal the vision tower's), tie_word_embeddings is always False,
+    and vision keys a config leaves out take InternViT's class defaults."""
+    base = {"vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
+                              "image_size": 448, "patch_size": 14},
+            "llm_config": {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 16, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32,
+                           "tie_word_embeddings": True, "torch_dtype": "bfloat16"},
+            "ps_version": "v2", "force_image_size": 448}
+    config = unipercept.transformers_config(base, 9)
+    assert config.tie_word_embeddings is False and config.text_config.tie_word_embeddings is False
+    assert config.text_config.dtype is None            # the saved bf16 is not carried over
+    v = config.vision_config
+    assert (v.attention_bias, v.use_qk_norm, v.norm_type) == (False, True, "rms_norm")
+    assert unipercept.num_image_token(base) == 256
+    with pytest.raises(ValueError, match="force_image_size"):
+        unipercept.transformers_config({**base, "force_image_size": 224}, 9)
