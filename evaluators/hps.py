@@ -38,7 +38,12 @@ TOKENIZER_ENV = "HARNESS_HPS_TOKENIZER_DIR"
 HF_ID = "xswu/HPSv2"
 CHECKPOINT_NAME = "HPS_v2.1_compressed.pt"
 IMAGE_SIZE = 224
-HEAD_WIDTH = 64          # open_clip's ViT-H-14: 1280 / 16 heads (vision), 1024 / 16 (text)
+# Attention head widths of open_clip's ViT-H-14 (open_clip/src/open_clip/model_configs/ViT-H-14.json, the copy in
+# tgxs002/HPSv2 hpsv2/src/open_clip/model_configs/ViT-H-14.json is the same): vision_cfg "head_width": 80, so
+# 1280 / 80 = 16 heads; text_cfg "heads": 16 for width 1024, i.e. 64 per head. Head counts are not in the
+# checkpoint's shapes, so they come from here; a width they do not divide is an error, not a guess.
+VISION_HEAD_WIDTH = 80
+TEXT_HEAD_WIDTH = 64
 BATCH = 16
 
 _LOADED: dict[str, tuple] = {}
@@ -113,9 +118,40 @@ def _layers(state: dict, prefix: str) -> int:
     return 1 + max(int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k)))
 
 
+def _heads(width: int, head_width: int, tower: str) -> int:
+    if width % head_width:
+        raise ValueError(f"the HPS checkpoint's {tower} width {width} is not a multiple of open_clip ViT-H-14's head "
+                         f"width {head_width}: not the ViT-H-14 HPS v2.1 is built on")
+    return width // head_width
+
+
+def hps_config(state: dict[str, torch.Tensor], tokenizer):
+    """transformers CLIPConfig for a (transformers-named) HPS state dict: sizes from the tensors' shapes, head
+    counts from open_clip's ViT-H-14 head widths. Works on meta tensors."""
+    from transformers import CLIPConfig
+
+    patch = state["vision_model.embeddings.patch_embedding.weight"]
+    positions = state["vision_model.embeddings.position_embedding.weight"].shape[0]
+    words = state["text_model.embeddings.token_embedding.weight"]
+    vision_width, text_width = patch.shape[0], words.shape[1]
+    return CLIPConfig(
+        vision_config=dict(hidden_size=vision_width, num_attention_heads=_heads(vision_width, VISION_HEAD_WIDTH, "vision"),
+                           intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                           num_hidden_layers=_layers(state, "vision_model.encoder.layers."), patch_size=patch.shape[-1],
+                           image_size=patch.shape[-1] * round((positions - 1) ** 0.5), hidden_act="gelu"),
+        text_config=dict(hidden_size=text_width, num_attention_heads=_heads(text_width, TEXT_HEAD_WIDTH, "text"),
+                         vocab_size=words.shape[0],
+                         intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                         num_hidden_layers=_layers(state, "text_model.encoder.layers."), hidden_act="gelu",
+                         max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        projection_dim=state["visual_projection.weight"].shape[0])
+
+
 def load_hps(path: Path, tokenizer_dir: Path, device: str = "cpu"):
     """(CLIPModel, tokenizer) with every weight of the checkpoint loaded (strictly)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizer
 
     raw = torch.load(path, map_location="cpu", weights_only=True)
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
@@ -123,23 +159,7 @@ def load_hps(path: Path, tokenizer_dir: Path, device: str = "cpu"):
         raise ValueError(f"{path} is not an open_clip checkpoint (no 'visual.conv1.weight' in its state_dict)")
     state = open_clip_to_transformers({k.removeprefix("module."): v for k, v in state.items()})
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    patch = state["vision_model.embeddings.patch_embedding.weight"]
-    positions = state["vision_model.embeddings.position_embedding.weight"].shape[0]
-    words = state["text_model.embeddings.token_embedding.weight"]
-    vision_width, text_width = patch.shape[0], words.shape[1]
-    config = CLIPConfig(
-        vision_config=dict(hidden_size=vision_width, num_attention_heads=vision_width // HEAD_WIDTH,
-                           intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                           num_hidden_layers=_layers(state, "vision_model.encoder.layers."), patch_size=patch.shape[-1],
-                           image_size=patch.shape[-1] * round((positions - 1) ** 0.5), hidden_act="gelu"),
-        text_config=dict(hidden_size=text_width, num_attention_heads=text_width // HEAD_WIDTH, vocab_size=words.shape[0],
-                         intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                         num_hidden_layers=_layers(state, "text_model.encoder.layers."), hidden_act="gelu",
-                         max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        projection_dim=state["visual_projection.weight"].shape[0])
-    model = CLIPModel(config)
+    model = CLIPModel(hps_config(state, tokenizer))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

@@ -1,6 +1,8 @@
 """HPSv2.1 (evaluators/hps.py) on a tiny random checkpoint under open_clip's key names, checked against a
 hand-written open_clip CLIP forward (fused in_proj attention, class token, ln_pre / ln_post, causal text tower
-pooled at the end-of-text token, x @ proj), plus HPS's resize-longest-side-and-pad transform."""
+pooled at the end-of-text token, x @ proj), plus HPS's resize-longest-side-and-pad transform. The tiny towers keep
+the real head layout: 80 wide in the vision tower, 64 in the text tower (open_clip model_configs/ViT-H-14.json:
+vision_cfg head_width 80, text_cfg width 1024 / heads 16), written here, not read from evaluators/hps.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +14,8 @@ from evaluators import clip_colors, hps
 from evaluators.base import Sample
 from harness import registry
 
-V_WIDTH, T_WIDTH, LAYERS, PATCH, GRID, EMBED, CONTEXT = 128, 64, 2, 8, 4, 32, 77
+V_WIDTH, T_WIDTH, LAYERS, PATCH, GRID, EMBED, CONTEXT = 320, 128, 2, 8, 4, 32, 77
+V_HEAD_WIDTH, T_HEAD_WIDTH = 80, 64     # open_clip ViT-H-14.json: vision head_width 80; text 1024 / 16 heads
 
 
 def block_state(prefix: str, width: int, rand) -> dict:
@@ -41,12 +44,12 @@ def open_clip_state(vocab: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def reference_block(x, state, prefix, width, causal):
+def reference_block(x, state, prefix, width, head_width, causal):
     ln = lambda t, name: F.layer_norm(t, (width,), state[prefix + name + ".weight"], state[prefix + name + ".bias"])
-    heads, (b, n, _) = width // 64, x.shape
+    heads, (b, n, _) = width // head_width, x.shape
     q, k, v = F.linear(ln(x, "ln_1"), state[prefix + "attn.in_proj_weight"], state[prefix + "attn.in_proj_bias"]).chunk(3, -1)
-    split = lambda t: t.reshape(b, n, heads, 64).transpose(1, 2)
-    scores = split(q) @ split(k).transpose(-2, -1) / 8.0
+    split = lambda t: t.reshape(b, n, heads, head_width).transpose(1, 2)
+    scores = split(q) @ split(k).transpose(-2, -1) / head_width ** 0.5
     if causal:
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     out = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, n, width)
@@ -62,11 +65,11 @@ def reference_scores(state, pixels, ids, eot: int) -> np.ndarray:
     x = torch.cat([state["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + state["visual.positional_embedding"]
     x = ln(x, "visual.ln_pre", V_WIDTH)
     for i in range(LAYERS):
-        x = reference_block(x, state, f"visual.transformer.resblocks.{i}.", V_WIDTH, causal=False)
+        x = reference_block(x, state, f"visual.transformer.resblocks.{i}.", V_WIDTH, V_HEAD_WIDTH, causal=False)
     image = ln(x[:, 0], "visual.ln_post", V_WIDTH) @ state["visual.proj"]
     t = state["token_embedding.weight"][ids] + state["positional_embedding"]
     for i in range(LAYERS):
-        t = reference_block(t, state, f"transformer.resblocks.{i}.", T_WIDTH, causal=True)
+        t = reference_block(t, state, f"transformer.resblocks.{i}.", T_WIDTH, T_HEAD_WIDTH, causal=True)
     t = ln(t, "ln_final", T_WIDTH)
     # open_clip pools at ids.argmax(), the end-of-text token in CLIP's vocabulary (49407, the highest id); the tiny
     # vocabulary numbers it 1, so pool at its first position instead
