@@ -38,7 +38,7 @@ from evaluators.base import Evaluator, Sample
 from evaluators.suites import (Suite, SuitePrompt, index_stride, load_suite, prompts_digest, sampler_for,
                                suite_prompts, suites_for_backbone)
 from harness import provenance, registry, sampling
-from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, confined, sha256_file
 
 __all__ = ["evaluate", "evaluate_images_dir", "suites_for_backbone", "run_dir", "weights_hash", "resolve_evaluators"]
 
@@ -236,11 +236,11 @@ def _sampler_dict(cfg) -> dict:
 
 
 def _sample_path(root: Path, prompt: SuitePrompt, j: int) -> Path:
-    return root / prompt.prompt_id / "samples" / f"{j:04d}.png"
+    return confined(root, root / prompt.prompt_id / "samples" / f"{j:04d}.png")
 
 
 def _grid_path(root: Path, prompt: SuitePrompt) -> Path:
-    return root / "grids" / f"{prompt.prompt_id}.png"
+    return confined(root, root / "grids" / f"{prompt.prompt_id}.png")
 
 
 def _prepare_folder(root: Path, suite: Suite, prompts: list[SuitePrompt], image_protocol: dict) -> None:
@@ -258,7 +258,7 @@ def _prepare_folder(root: Path, suite: Suite, prompts: list[SuitePrompt], image_
     if suite.layout != "geneval":
         return
     for p in prompts:
-        path = root / p.prompt_id / "metadata.jsonl"
+        path = confined(root, root / p.prompt_id / "metadata.jsonl")
         if path.exists():
             if json.loads(path.read_text()) != p.metadata:
                 raise ValueError(f"{path} holds another prompt than prompt {p.index} of suite {suite.name!r} "

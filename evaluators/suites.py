@@ -39,6 +39,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from harness import registry
 from harness.config import ConfigError, Strict, read_yaml, validate
+from harness.io import safe_name
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
 LAYOUTS = ("geneval", "dpg")
@@ -113,7 +114,7 @@ class SamplerSettings(Strict):
 
 
 class Suite(Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1)     # a folder name of the image cache: checked by _name_is_a_file_name
     version: Annotated[str, BeforeValidator(_as_text)] = Field(min_length=1)
     description: str = ""
     backbones: list[str] = Field(min_length=1)
@@ -128,6 +129,11 @@ class Suite(Strict):
     # another suite (name or path) whose images this one scores instead of drawing its own; prompts, seed,
     # sampler, resolution and layout must then be the same (checked when the suite runs)
     images_from: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_file_name(cls, name: str) -> str:
+        return safe_name(name, "suite name")
 
     @field_validator("backbones")
     @classmethod
@@ -285,7 +291,8 @@ def suite_prompts(suite: Suite) -> list[SuitePrompt]:
         else:
             from evaluators.shapes_suites import item_id
             pid = item_id(m)
-        out.append(SuitePrompt(index=i, prompt_id=pid, metadata=m, n_images=per_tag[m["tag"]]))
+        out.append(SuitePrompt(index=i, prompt_id=safe_name(pid, f"suite {suite.name!r}: prompt {i} has item_id"),
+                               metadata=m, n_images=per_tag[m["tag"]]))
     ids = [p.prompt_id for p in out]
     if len(set(ids)) != len(ids):
         raise ValueError(f"suite {suite.name!r}: prompt ids repeat (two prompts have the same text?)")

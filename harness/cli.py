@@ -34,29 +34,70 @@ data_app = typer.Typer(help="Official benchmark prompt files.", no_args_is_help=
 app.add_typer(data_app, name="data")
 
 
+@app.callback()
+def _main_options(debug: bool = typer.Option(False, "--debug", help="show the traceback of an error")):
+    if debug:
+        os.environ["HARNESS_DEBUG"] = "1"
+
+
 # --- errors and helpers -----------------------------------------------------------------------------------------
 
+MAX_MESSAGE = 400   # an error echoes what it names; a 100 KB prompt must not fill the terminal
+
+
+def one_line(message: str) -> str:
+    """An error message as one line: its lines joined with "; ", very long ones shortened in the middle."""
+    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip()).replace(":;", ":")
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE - 80]} ... [{len(text) - MAX_MESSAGE + 40} characters left out] ... {text[-40:]}"
+    return text
+
+
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
+class UsageError(ValueError):
+    """A wrong or contradictory command line: exit code 2."""
+
+
+def _user_error(e: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) for the failures a user causes and can fix, None for a bug."""
+    import sqlite3
+    if isinstance(e, KeyError):            # the registry's unknown name, with its "did you mean"
+        return (str(e.args[0]) if e.args else repr(e)), 2
+    if isinstance(e, UsageError):
+        return str(e), 2
+    if isinstance(e, UnicodeDecodeError):   # a binary file where text was expected; the raiser names the file
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start})", 1
+    if isinstance(e, OSError) and e.filename is not None and not str(e).count(str(e.filename)):
+        return f"{e.strerror or e}: {e.filename}", 1
+    if isinstance(e, (ValueError, OSError, ImportError, sqlite3.Error)):
+        return str(e), 1
+    return None
+
+
 def clean_errors(fn: Callable) -> Callable:
-    """Turn the errors users cause into one message and an exit code instead of a traceback."""
+    """Turn every failure into one line and an exit code instead of a traceback: a user's mistake names the file
+    or key and the fix (exit 1, or 2 for usage and unknown names); a bug says it is one (exit 3). The traceback is
+    shown with --debug or HARNESS_DEBUG=1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except KeyboardInterrupt:
+            _fail("interrupted; what was written so far is complete (writes are atomic), re-run to resume", 130)
         except Exception as e:
             if os.environ.get("HARNESS_DEBUG") == "1":
                 raise
-            if isinstance(e, KeyError):            # the registry's unknown name, with its "did you mean"
-                _fail(str(e.args[0]) if e.args else repr(e), 2)
-            if isinstance(e, (ValueError, OSError, ImportError)):
-                _fail(str(e), 1)
-            raise
+            known = _user_error(e)
+            if known is not None:
+                _fail(*known)
+            _fail(f"internal error (a bug, please report it): {type(e).__name__}: {e}; "
+                  f"re-run with --debug for the traceback", 3)
     return wrapper
 
 
@@ -74,10 +115,8 @@ def _lazy(module: str, attr: str, what: str):
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from harness.backbones.base import check_device
+    return check_device(name)
 
 
 def _weights_file(backbone: str, checkpoint: str) -> str:
@@ -170,12 +209,13 @@ def validate_cmd(config: Path = typer.Argument(..., help="a suite YAML or a trai
     from harness.config import load_config, read_yaml
     data = read_yaml(config)
     if SUITE_KEYS & set(data):
-        from evaluators.suites import images_per_tag_rule, load_suite, prompt_metadata
+        from evaluators.suites import images_per_tag_rule, load_suite, prompt_metadata, suite_prompts
         suite = load_suite(config, overrides or [])
         typer.echo(f"ok: suite {suite.name} v{suite.version} ({suite.layout} layout, "
                    f"evaluators {', '.join(suite.evaluators)})")
         try:
             metadata = prompt_metadata(suite)
+            suite_prompts(suite)    # every prompt id must be usable as a file name
         except FileNotFoundError as e:
             typer.echo(f"note: prompts not available here: {e}")
             return
@@ -188,8 +228,11 @@ def validate_cmd(config: Path = typer.Argument(..., help="a suite YAML or a trai
                 typer.echo(f"note: evaluator {name!r} is not registered in this install; running the suite will fail")
         return
     train_config = _lazy("trainers.config", "TrainConfig", "the training config model")
-    load_config(train_config, config, overrides or [])
+    check_train_config = _lazy("trainers.loop", "check_train_config", "the training config rules")
+    notes = check_train_config(load_config(train_config, config, overrides or []), for_training=False)
     typer.echo(f"ok: training config {config}")
+    for note in notes:
+        typer.echo(f"note: {note}")
 
 
 # --- pretrain, generate ----------------------------------------------------------------------------------------
@@ -408,15 +451,23 @@ def data_fetch_cmd(which: str = typer.Argument(..., help="geneval, dpg, hpsv3 or
 
 @app.command("train")
 @clean_errors
-def train_cmd(config: Path = typer.Option(..., help="training config YAML"),
-              run_dir: Optional[Path] = typer.Option(None, help="where the run writes (default: from the config)"),
-              steps: Optional[int] = typer.Option(None, help="override the number of training steps"),
-              resume: Optional[Path] = typer.Option(None, help="resume this run folder"),
+def train_cmd(config: Optional[Path] = typer.Option(None, help="training config YAML (not needed with --resume)"),
+              run_dir: Optional[Path] = typer.Option(None, help="where the run writes (default: runs/<name>)"),
+              steps: Optional[int] = typer.Option(None, min=1, help="override the number of training steps"),
+              resume: Optional[Path] = typer.Option(None, help="resume this run folder (its own config.yaml)"),
               overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides")):
     """Train with an RL method.
 
-    Example: harness train --config configs/tiny/ht_grpo.yaml --steps 50 trainer.lr=1e-5
+    A resumed run keeps its config.yaml; only --steps changes it (and says so). Settings given with --resume
+    that differ from the run's are listed as ignored.
+
+    \b
+    Examples:
+      harness train --config configs/tiny/ht_grpo.yaml --steps 50 optim.lr=1e-5
+      harness train --resume runs/tiny-ht-grpo --steps 60
     """
+    if resume is not None and run_dir is not None and run_dir.resolve() != resume.resolve():
+        raise UsageError(f"--run-dir {run_dir} and --resume {resume} name different folders; give one")
     cli_train = _lazy("trainers.loop", "cli_train", "training")
     result = cli_train(config=config, run_dir=run_dir, steps=steps, resume=resume, overrides=list(overrides or []))
     if isinstance(result, int):

@@ -9,9 +9,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def safe_name(name: str, what: str) -> str:
+    """A name read from a file or a prompt that becomes one path component: letters, digits, '_', '-', '.', not
+    starting with '.' (so no '..', no hidden file), no separator, not absolute. Else a ValueError naming `what`."""
+    text = str(name)
+    if not _SAFE_NAME.match(text) or len(text) > 200:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise ValueError(f"{what} {shown!r} cannot be a file name (use letters, digits, '_', '-', '.', at most 200, "
+                         f"not starting with '.'; no '/', '\\' or '..')")
+    return text
+
+
+def confined(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """`path`, checked to lie under `root` once both are resolved (symlinks and '..' included)."""
+    root_r, path_r = Path(root).resolve(), Path(path).resolve()
+    if path_r != root_r and root_r not in path_r.parents:
+        raise ValueError(f"refusing to write {path}: it lies outside {root}")
+    return Path(path)
 
 
 _UMASK = os.umask(0)

@@ -8,9 +8,28 @@ codes are never changed again.
 Every random number of sample i comes from its own generator seeded by (seed, i), so an image
 depends only on (prompt, seed, global index), never on the batch it was drawn in.
 
-Presets reproduce the published samplers (written from their description, ../shared backbones.md §3):
-- "mmada":        15 steps, CFG 3.5, no token temperature, remask-noise scale tau_s = tau_{s-1} * (1 - (s+1)/T)
-- "lumina-dimoo": 64 steps, CFG 4.0, temperature 1.0 on tokens and a constant remask-noise scale
+Presets reproduce the published samplers (../shared backbones.md §3, the counts checked against the official code):
+- "mmada":        15 steps, CFG 3.5, no token temperature, remask-noise scale tau_s = tau_{s-1} * (1 - (s+1)/T),
+                  schedule "mmada-cosine"
+- "lumina-dimoo": 64 steps, CFG 4.0, temperature 1.0 on tokens and a constant remask-noise scale,
+                  schedule "dimoo-cosine"
+
+How many slots stay masked after each step (`mask_schedule`):
+- "cosine" / "linear" (the harness default, e.g. the tiny model): max(1, floor(n * m((s+1)/T))) in float64, 0 after
+  the last step; a step can commit nothing when two consecutive floors are equal.
+- "mmada-cosine": MMaDA's arithmetic (Gen-Verse/MMaDA @ 3cdb8709635beb29f66e4e23cd66060872ac3996,
+  models/modeling_mmada.py t2i_generate L186-199, models/sampling.py cosine_schedule L39 / mask_by_random_topk L31):
+  ratio (s+1)/T as a float32 CPU tensor, mask_ratio = cos(ratio * pi * 0.5) in float32 (cos(pi/3) = 0.49999997, so
+  floor(1024 * it) = 511), mask_len = floor(n * mask_ratio), clamped to [1, masked - 1] -- the lower bound wins, so
+  once one slot is left a step commits nothing. After the last step the sampler returns every sampled code (its
+  mask_len of 1 only concerns the unreturned input), so everything still masked is committed at step T-1.
+- "dimoo-cosine": Lumina-DiMOO's (Alpha-VLLM/Lumina-DiMOO @ 81344e60545ae8d70f11039d3450717d974f831b,
+  generators/image_generation_generator.py generate_image L88-96 and L133, utils/generation_utils.py cosine_schedule
+  L26 / mask_by_random_topk L59): keep_n = max(1, floor(float32(n) * cos(0.5 * pi * (s+1)/T))) in float32, 0 at
+  s = T-1, then clamped to [0, masked - 1] -- every step commits at least one slot -- and the loop stops once
+  nothing is masked.
+Both official samplers score slots in bf16, where tied confidences at the cut-off commit a few extra slots at
+some steps (data-dependent); here scores are float32 and ties do not happen, so the counts are the schedule's.
 """
 from __future__ import annotations
 
@@ -26,6 +45,8 @@ from harness.backbones.base import MASKED, Backbone, PromptBatch, guided_logits
 SCHEDULES = {
     "cosine": lambda r: math.cos(math.pi / 2 * r),
     "linear": lambda r: 1.0 - r,
+    "mmada-cosine": None,     # the official samplers' float32 arithmetic and clamps: see mask_schedule
+    "dimoo-cosine": None,
 }
 
 @dataclass(frozen=True)
@@ -35,7 +56,7 @@ class SamplerConfig:
     temperature: float = 1.0         # on the token distribution
     choice_temperature: float = 2.0  # scale of the Gumbel noise on log-confidence when choosing slots
     noise_anneal: str = "linear"     # linear: tau0 * (1 - r) (MaskGIT) | cumprod (MMaDA) | constant (DiMOO)
-    schedule: str = "cosine"         # fraction still masked after step s: cos(pi/2 * (s+1)/T)
+    schedule: str = "cosine"         # slots still masked after step s: mask_schedule (cosine, linear, mmada-cosine, dimoo-cosine)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -49,8 +70,10 @@ class SamplerConfig:
 
 
 PRESETS = {
-    "mmada": SamplerConfig(steps=15, cfg=3.5, temperature=1.0, choice_temperature=1.0, noise_anneal="cumprod"),
-    "lumina-dimoo": SamplerConfig(steps=64, cfg=4.0, temperature=1.0, choice_temperature=1.0, noise_anneal="constant"),
+    "mmada": SamplerConfig(steps=15, cfg=3.5, temperature=1.0, choice_temperature=1.0, noise_anneal="cumprod",
+                           schedule="mmada-cosine"),
+    "lumina-dimoo": SamplerConfig(steps=64, cfg=4.0, temperature=1.0, choice_temperature=1.0, noise_anneal="constant",
+                                  schedule="dimoo-cosine"),
 }
 
 
@@ -62,11 +85,44 @@ def sampler_config(preset: str | None = None, **overrides) -> SamplerConfig:
     return replace(PRESETS[preset], **overrides)
 
 
+def _mmada_keep(step: int, steps: int, n: int, masked: int) -> int:
+    # MMaDA t2i_generate: a float32 CPU scalar tensor, torch.cos, floor, then max(1, min(masked - 1, .))
+    ratio = torch.tensor(1.0 * (step + 1) / steps, dtype=torch.float32)
+    length = int((n * torch.cos(ratio * math.pi * 0.5)).floor().item())
+    return max(1, min(masked - 1, length))
+
+
+def _dimoo_keep(step: int, steps: int, n: int, masked: int) -> int:
+    # Lumina-DiMOO generate_image: keep_n = max(1, floor(float(n) * cos)) before the last step, 0 at it; then
+    # mask_by_random_topk clamps it to [0, masked - 1]
+    if step < steps - 1:
+        frac = torch.cos(0.5 * math.pi * torch.tensor([(step + 1) / steps], dtype=torch.float32))
+        keep = max(1, int((torch.tensor([float(n)], dtype=torch.float32) * frac).floor().item()))
+    else:
+        keep = 0
+    return min(max(keep, 0), masked - 1)
+
+
+def mask_schedule(steps: int, n: int, schedule: str = "cosine") -> list[int]:
+    """How many of the n slots are still masked after each step (0-based) of `steps`; the last entry is 0.
+    See the module docstring for the rule of each schedule."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, not {schedule!r}")
+    out, masked = [], n
+    for step in range(steps):
+        if schedule == "mmada-cosine":
+            masked = 0 if step == steps - 1 else _mmada_keep(step, steps, n, masked)
+        elif schedule == "dimoo-cosine":
+            masked = 0 if masked == 0 else _dimoo_keep(step, steps, n, masked)      # DiMOO stops at 0
+        else:
+            masked = 0 if step == steps - 1 else max(1, math.floor(n * SCHEDULES[schedule]((step + 1) / steps)))
+        out.append(masked)
+    return out
+
+
 def masked_after(step: int, steps: int, n: int, schedule: str = "cosine") -> int:
     """How many of the n slots are still masked after step `step` (0-based) of `steps`."""
-    if step >= steps - 1:
-        return 0
-    return max(1, math.floor(n * SCHEDULES[schedule]((step + 1) / steps)))
+    return mask_schedule(steps, n, schedule)[step]
 
 
 def noise_scales(cfg: SamplerConfig) -> list[float]:
@@ -122,7 +178,10 @@ def sample(backbone: Backbone, prompts: PromptBatch, cfg: SamplerConfig, *, seed
     confidence = torch.zeros(b, n, device=device)
     entropy = torch.zeros(b, n, device=device)
     taus = noise_scales(cfg)
+    keep_counts = mask_schedule(cfg.steps, n, cfg.schedule)
     for s in range(cfg.steps):
+        if s > 0 and keep_counts[s - 1] == 0:
+            break                    # nothing left to commit (DiMOO's loop stops here too)
         logits = guided_logits(backbone, prompts, uncond, codes, cfg.cfg).float()     # [B, N, K]
         k = logits.shape[-1]
         drawn = (logits / cfg.temperature + _gumbel((n, k), gens).to(device)).argmax(-1)
@@ -132,7 +191,7 @@ def sample(backbone: Backbone, prompts: PromptBatch, cfg: SamplerConfig, *, seed
         masked = codes == MASKED
         score = conf + taus[s] * _gumbel((n,), gens).to(device)
         score = score.masked_fill(~masked, float("inf"))
-        keep_masked = masked_after(s, cfg.steps, n, cfg.schedule)
+        keep_masked = keep_counts[s]
         # the keep_masked lowest scores stay masked; every other still-masked slot is committed now
         order = score.argsort(dim=1)
         stay = torch.zeros_like(masked)

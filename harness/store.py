@@ -40,6 +40,7 @@ import math
 import os
 import sqlite3
 import time
+import urllib.parse
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -122,8 +123,57 @@ def _to_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=_json_default)
 
 
+class StoreError(ValueError):
+    """A store file that cannot be used as asked: named, with what to do, and nothing in it touched."""
+
+
+def _sqlite_problem(path: Path, e: sqlite3.Error) -> StoreError:
+    text = str(e)
+    if "readonly" in text or "read-only" in text:
+        return StoreError(f"results store {path} cannot be written (read-only file or folder); "
+                          "pass a writable --store or set $HARNESS_STORE")
+    if "not a database" in text or "malformed" in text or "disk image" in text:
+        return StoreError(f"results store {path} is not a readable SQLite file ({text}: truncated or corrupt?); "
+                          "restore it from a copy or pass another --store")
+    return StoreError(f"results store {path} cannot be opened ({text}); pass another --store")
+
+
+def _check_path(path: Path) -> None:
+    if path.is_dir():
+        raise StoreError(f"results store {path} is a folder; pass the store file (e.g. {path / 'store.sqlite'})")
+
+
+def _check_harness_tables(conn: sqlite3.Connection, path: Path) -> bool:
+    """True when the file holds a harness store, False when it is empty; a foreign database is refused."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return False
+    if "schema_version" not in tables or "evaluations" not in tables:
+        raise StoreError(f"{path} is a SQLite database but not a harness results store (tables: "
+                         f"{', '.join(sorted(tables)[:6])}); it was left untouched; pass another --store")
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    if row is None or row[0] != SCHEMA_VERSION:
+        raise StoreError(f"results store {path} has schema version {row[0] if row else None}, this harness reads "
+                         f"version {SCHEMA_VERSION}; use a matching harness or a new store path")
+    return True
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_path(path)
+    existed = path.exists() and path.stat().st_size > 0
+    if existed:      # look before writing anything: a foreign or corrupt file must stay as it is
+        _connect_readonly(path).close()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"results store {path}: cannot create its folder ({e.strerror}); pass another --store") from None
+    try:
+        return _connect_writable(path)
+    except sqlite3.Error as e:
+        raise _sqlite_problem(path, e) from None
+
+
+def _connect_writable(path: Path) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; every write opens BEGIN IMMEDIATE itself.
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
@@ -139,11 +189,31 @@ def _connect(path: Path) -> sqlite3.Connection:
                 raise
             time.sleep(0.05)
     if mode.lower() != "wal":
-        raise RuntimeError(f"results store {path}: could not enable WAL mode (got {mode!r}); "
-                           "put the store on a local filesystem")
+        raise StoreError(f"results store {path}: could not enable WAL mode (got {mode!r}); "
+                         "put the store on a local filesystem")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write (mode=ro). Where even that needs a write beside the file (a WAL store in a
+    read-only folder cannot get its shared-memory file), the file is opened as immutable: nothing writes it then."""
+    _check_path(path)
+    if not path.is_file():
+        raise StoreError(f"results store {path} does not exist; pass --store PATH or set $HARNESS_STORE")
+    uri = "file:" + urllib.parse.quote(str(path.resolve()))
+    last: sqlite3.Error | None = None
+    for flags in ("?mode=ro", "?mode=ro&immutable=1"):
+        try:
+            conn = sqlite3.connect(uri + flags, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only = ON")
+            _check_harness_tables(conn, path)
+            return conn
+        except sqlite3.Error as e:
+            last = e
+    raise _sqlite_problem(path, last)
 
 
 def _parse_evaluation(row: sqlite3.Row) -> dict:
@@ -175,10 +245,23 @@ def _check_metric(metric: dict) -> tuple:
 class ResultsStore:
     """One connection to the store file. Use one per process (or thread); close() when done."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False):
+        """readonly: open for reading only (leaderboards, reports): the file is never changed, a file that is
+        not a harness store is refused, and a store in a read-only folder can still be read."""
         self.path = Path(path) if path is not None else default_store_path()
+        self.readonly = readonly
+        if readonly:
+            self.conn = _connect_readonly(self.path)
+            return
         self.conn = _connect(self.path)
-        self._init_schema()
+        try:
+            self._init_schema()
+        except sqlite3.Error as e:
+            self.conn.close()
+            raise _sqlite_problem(self.path, e) from None
+        except BaseException:
+            self.conn.close()
+            raise
 
     def close(self) -> None:
         self.conn.close()
@@ -202,6 +285,8 @@ class ResultsStore:
             raise
 
     def _init_schema(self) -> None:
+        if _check_harness_tables(self.conn, self.path):
+            return                               # an existing store: nothing to create
         with self._write() as c:
             # statement by statement: executescript() would commit in the middle of the transaction
             for statement in SCHEMA.split(";"):
@@ -211,7 +296,7 @@ class ResultsStore:
             if row is None:
                 c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
-                raise RuntimeError(
+                raise StoreError(
                     f"results store {self.path} has schema version {row[0]}, this harness reads "
                     f"version {SCHEMA_VERSION}; use a matching harness or a new store path")
 

@@ -144,6 +144,9 @@ def protocol_label(suite: str, suite_version: str, protocol: dict) -> str:
              f"cfg {'?' if cfg is None else _number(cfg)}",
              f"{'?' if resolution is None else _number(resolution)}px",
              f"{'?' if per_prompt is None else _number(per_prompt)} img/prompt"]
+    partial = protocol.get("partial")
+    if isinstance(partial, dict):   # `harness eval --images DIR --allow-partial`: not a benchmark score
+        parts.insert(0, f"PARTIAL {partial.get('prompts_scored', '?')}/{partial.get('prompts_total', '?')} prompts")
     return ", ".join(parts) + f" #{protocol_id(suite, suite_version, protocol)}"
 
 
@@ -308,8 +311,16 @@ def build_tables(frame: pd.DataFrame, include_reported: bool = True) -> dict[str
 
 # ---- rendering ------------------------------------------------------------------------------------
 
+# markdown's active punctuation; "_" only where it could open or close emphasis (not inside a word: GFM)
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+
+
 def _escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A cell's text as literal text in markdown: HTML (&, <, >) as entities, markdown's punctuation
+    backslash-escaped, one line. Names come from folders and files anyone may have named."""
+    text = " ".join(str(text).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -355,7 +366,7 @@ def open_store(store: ResultsStore | str | Path | None) -> tuple[ResultsStore, b
     if not path.exists():
         raise FileNotFoundError(f"results store {path} does not exist; pass --store PATH or set $HARNESS_STORE "
                                 "to the store your evaluations wrote")
-    return ResultsStore(path), True
+    return ResultsStore(path, readonly=True), True
 
 
 def cli_leaderboard(store: ResultsStore | str | Path | None = None, out: str | Path | None = None,

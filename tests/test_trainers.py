@@ -614,7 +614,7 @@ def test_corrupt_trainer_state_is_a_clear_error(tmp_path):
     run = train(tiny_config("steps=1", "method.inner_iterations=1"), tmp_path / "run", log=lambda s: None)
     state = run / "checkpoints" / "step_000001" / "trainer_state.pt"
     state.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=r"step_000001 is unreadable.*delete it"):
+    with pytest.raises(ValueError, match=r"step_000001/trainer_state.pt is unreadable.*delete this checkpoint"):
         train(tiny_config("steps=2"), run, resume=True, log=lambda s: None)
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny_config("steps=2"), run, log=lambda s: None)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -26,8 +29,8 @@ from evaluators.base import Sample
 from harness import registry
 from harness.backbones.base import PromptBatch, mask_prompt_tokens, token_logprobs
 from harness.checkpoint import load_weights
-from harness.config import dump_config, load_config, read_yaml, validate
-from harness.io import append_jsonl, atomic_write_text, read_jsonl
+from harness.config import apply_overrides, dump_config, load_config, read_yaml, validate
+from harness.io import append_jsonl, atomic_write_text, read_jsonl, sha256_file
 from harness.sampling import Rollout, sampler_config, generate
 from harness.shapes.prompts import sample_metadata
 from trainers.config import TrainConfig
@@ -130,24 +133,88 @@ def lr_factor(o, step: int, total_steps: int) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_trainer(cfg: TrainConfig) -> Trainer:
-    torch.manual_seed(cfg.seed)
-    load = registry.get("backbones", cfg.backbone.name)
-    backbone = load(cfg.backbone.checkpoint, device=cfg.backbone.device, **cfg.backbone.options) if cfg.backbone.name == "tiny" \
-        else load(cfg.backbone.checkpoint, device=cfg.backbone.device, dtype=cfg.backbone.dtype, **cfg.backbone.options)
+def backbone_option_names(name: str) -> set[str]:
+    """The backbone.options keys the backbone's loader accepts (the keyword-only settings of its signature; for the
+    tiny backbone the fields of TinyConfig)."""
+    load = registry.get("backbones", name)
+    params = inspect.signature(load).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        from harness.backbones.tiny import TinyConfig   # load_tiny(**overrides) -> TinyConfig(**overrides)
+        return {f.name for f in dataclasses.fields(TinyConfig)}
+    # set by other config keys (backbone.checkpoint / device / dtype / lora / gradient_checkpointing)
+    taken = {"path", "checkpoint", "device", "dtype", "lora", "gradient_checkpointing", "tokenizer"}
+    return {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL} - taken
+
+
+def check_train_config(cfg: TrainConfig, for_training: bool = True) -> list[str]:
+    """Every rule of a training config beyond its field ranges (TrainConfig has those): registry names (method,
+    backbone, reward evaluators, sampler preset, checkpoint eval suite), backbone options, cross-field rules.
+    The one validator of `harness validate` and `harness train`. for_training also needs what only this machine
+    can tell (the device exists, model files are present) and raises; otherwise such problems come back as notes."""
+    from evaluators.suites import load_suite
+    from harness.backbones.base import check_device
+    from harness.sampling import PRESETS
+    notes: list[str] = []
+    registry.target("methods", cfg.method.name)
+    registry.target("backbones", cfg.backbone.name)
+    unknown = sorted(set(cfg.backbone.options) - backbone_option_names(cfg.backbone.name))
+    if unknown:
+        known = ", ".join(sorted(backbone_option_names(cfg.backbone.name)))
+        raise ValueError(f"backbone.options: unknown key(s) {', '.join(unknown)} for backbone "
+                         f"{cfg.backbone.name!r}; known: {known}")
+    s = cfg.rollout.sampler
+    if s.preset is not None and s.preset not in PRESETS:
+        raise ValueError(f"rollout.sampler.preset {s.preset!r} is unknown; known: {', '.join(sorted(PRESETS))}")
     if cfg.loss.object_credit > 1 and cfg.backbone.name != "tiny":
         raise ValueError(f"loss.object_credit reads objects with the shapes-world detector; backbone "
                          f"{cfg.backbone.name!r} draws no shapes-world images (set loss.object_credit: 0)")
     if 0 < cfg.loss.object_credit < 1:
         raise ValueError(f"loss.object_credit must be 0 (off) or >= 1 (the weight ratio), got {cfg.loss.object_credit}")
+    m = cfg.method
+    if m.name == "ht-grpo" and m.n_global + m.n_struct >= m.inner_iterations:
+        notes.append(f"method: with n_global + n_struct = {m.n_global + m.n_struct} >= inner_iterations = "
+                     f"{m.inner_iterations}, the refinement stage never runs")
+
+    def machine(check, what: str):   # a fact of this machine: an error when training, a note when validating
+        try:
+            check()
+        except (OSError, ImportError, ValueError, RuntimeError) as e:
+            if for_training:
+                raise
+            notes.append(f"{what} cannot run on this machine: {one_line_of(e)}")
+
+    machine(lambda: check_device(cfg.backbone.device), "backbone.device")
+    for name in cfg.reward:
+        registry.target("evaluators", name)     # an unknown name is an error anywhere; a missing backend is local
+        found: list = []
+        machine(lambda: found.append(registry.get("evaluators", name)), f"reward {name!r}")
+        if not found:
+            continue
+        ev = found[0]
+        if ev.reward_field is None:
+            raise ValueError(f"reward: evaluator {name!r} has no reward field and cannot be used as a reward")
+        if ev.check_ready is not None:
+            machine(ev.check_ready, f"reward {name!r}")
     if cfg.checkpoint.eval_suite:        # a wrong suite or a missing model file fails now, not at the first checkpoint
         from evaluators.run import resolve_evaluators
-        from evaluators.suites import load_suite
         suite = load_suite(cfg.checkpoint.eval_suite)
-        if backbone.name not in suite.backbones:
+        if cfg.backbone.name not in suite.backbones:
             raise ValueError(f"checkpoint.eval_suite {suite.name!r} applies to backbones {suite.backbones}, "
-                             f"not {backbone.name!r}")
-        resolve_evaluators(suite)
+                             f"not {cfg.backbone.name!r}")
+        machine(lambda: resolve_evaluators(suite), f"checkpoint.eval_suite {suite.name!r}")
+    return notes
+
+
+def one_line_of(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    check_train_config(cfg, for_training=True)
+    torch.manual_seed(cfg.seed)
+    load = registry.get("backbones", cfg.backbone.name)
+    backbone = load(cfg.backbone.checkpoint, device=cfg.backbone.device, **cfg.backbone.options) if cfg.backbone.name == "tiny" \
+        else load(cfg.backbone.checkpoint, device=cfg.backbone.device, dtype=cfg.backbone.dtype, **cfg.backbone.options)
     reference = None
     if cfg.backbone.lora is not None:
         from harness.backbones.lora import apply_lora
@@ -336,11 +403,13 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None
                                                          **({"ema_decay": tr.cfg.optim.ema_decay} if tr.ema else {})})
         else:   # the adapter writes its LoRA settings beside the weights so load_mmada(dir, lora=file) can rebuild it
             tr.backbone.save(tmp / "adapter.safetensors", meta)
-    state = {"step": step, "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+    weights_file = tmp / ("model.safetensors" if (tmp / "model.safetensors").exists() else "adapter.safetensors")
+    state = {"format": TRAINER_STATE_FORMAT, "step": step, "weights_sha256": sha256_file(weights_file),
+             "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
+             **rng_state()}
     if tr.ema is not None:
         state["live_weights"] = {n: p.detach().clone() for n, p in tr.trainable().items()}
-    torch.save(state, tmp / "trainer_state.pt")
+    torch.save(state, tmp / "trainer_state.pt")   # plain containers of tensors and numbers: loads with weights_only
     atomic_write_text(tmp / "config.yaml", dump_config(tr.cfg))
     if log_line is not None:
         atomic_write_text(tmp / "metrics.json", json.dumps(log_line, sort_keys=True))
@@ -353,12 +422,67 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None
     return final
 
 
-def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
+TRAINER_STATE_FORMAT = 2   # 2: RNG states as tensors / numbers and the weights' sha256 (1: pickled numpy RNG)
+
+
+def rng_state() -> dict:
+    """Every RNG state as tensors and plain numbers, so trainer_state.pt needs no pickled objects to load."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch_rng": torch.get_rng_state(),
+            "numpy_rng": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python_rng": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    n = state["numpy_rng"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    else:   # format 1 (numpy's own tuple, allowed by the numpy allow-list in read_trainer_state)
+        np.random.set_state(n)
+    p = state["python_rng"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]) if isinstance(p, dict) else p)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.pt without running code from it: torch's weights_only unpickler (tensors, containers, numbers)
+    plus, for checkpoints of format 1, exactly the numpy types of an RNG state. Anything else, such as a pickled
+    object with a __reduce__ payload, is refused with an error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path.parent} has no trainer_state.pt; it cannot be resumed")
+    numpy_rng_types = [np.dtype, type(np.dtype(np.uint32)), np.ndarray]
+    reconstruct = getattr(getattr(np, "_core", np.core).multiarray, "_reconstruct", None)
+    if reconstruct is not None:
+        numpy_rng_types.append(reconstruct)
     try:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        with torch.serialization.safe_globals(numpy_rng_types):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported global" in line]
+        if blocked:   # a pickled object (class, function) where only tensors and numbers belong
+            raise ValueError(f"{path} holds objects that are not plain training state and was not loaded (loading it "
+                             f"could run code from the file: {blocked[0][:200]}); only resume run folders you trust, "
+                             f"or delete this checkpoint to resume from the one before") from None
+        raise ValueError(f"{path} is unreadable (not a trainer state file); delete this checkpoint to resume from "
+                         f"the one before") from None
     except Exception as e:
-        raise ValueError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from the one before") from e
-    if (ckpt / "model.safetensors").exists():
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:200]}); delete this checkpoint to "
+                         f"resume from the one before") from None
+
+
+def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
+    state = read_trainer_state(ckpt / "trainer_state.pt")
+    weights_file = ckpt / ("model.safetensors" if (ckpt / "model.safetensors").exists() else "adapter.safetensors")
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} has neither model.safetensors nor adapter.safetensors")
+    expected = state.get("weights_sha256")
+    if expected is not None and sha256_file(weights_file) != expected:
+        raise ValueError(f"{weights_file} is not the file this checkpoint's optimizer state was saved with (sha256 "
+                         f"differs from trainer_state.pt's); restore the original file or resume from another "
+                         f"checkpoint")
+    if weights_file.name == "model.safetensors":
         weights, _ = load_weights(ckpt / "model.safetensors")
         tr.backbone.module.load_state_dict(weights)
     else:
@@ -377,9 +501,7 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
         raise ValueError(f"checkpoint {ckpt} holds EMA weights (optim.ema_decay > 0); resume it with the same setting")
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
+    set_rng_state(state)
     return int(state["step"])
 
 
@@ -413,6 +535,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         raise FileExistsError(f"{run_dir} already holds a run (checkpoints or metrics.jsonl); use "
                               f"`harness train --resume {run_dir}` or choose another --run-dir")
     tr = build_trainer(cfg)
+    prepare_run_folder(run_dir)
     if resume:
         ckpts = checkpoint_dirs(run_dir)
         if ckpts:
@@ -428,8 +551,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         if metrics_path.exists() or kept:
             atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         log(f"resuming {run_dir} at step {start}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    config_text = dump_config(cfg)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file() or config_path.read_text() != config_text:   # resume rewrites it only for --steps
+        atomic_write_text(config_path, config_text)
     writer = None
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -454,6 +579,36 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
     return run_dir
 
 
+def prepare_run_folder(run_dir: Path) -> None:
+    """Before the first step: the run folder (and checkpoints/ where it exists) are writable (a read-only folder fails now, not
+    after a full step), and temporary folders of checkpoint saves killed midway are removed."""
+    folder = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for path in (run_dir, folder) if folder.is_dir() else (run_dir,):
+        probe = path / f".write_probe_{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise PermissionError(f"cannot write in {path} ({e.strerror or e}); make it writable or choose "
+                                  f"another --run-dir") from None
+    for tmp in folder.glob(".tmp_step_*"):
+        pid = tmp.name.rpartition("_")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue    # another live process is writing it
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_scalars(writer, m: dict, step: int) -> None:
     for k, v in m.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -471,12 +626,45 @@ def format_metrics(m: dict) -> str:
 
 def cli_train(config: str | None = None, run_dir: str | None = None, steps: int | None = None,
               resume: str | None = None, overrides: list[str] | None = None, log=print) -> Path:
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
     if resume:
-        cfg = validate(TrainConfig, read_yaml(Path(resume) / "config.yaml"), f"{resume}/config.yaml")
-        if steps:
-            cfg.steps = steps
-        return train(cfg, resume, resume=True, log=log)
+        return train(resumed_config(Path(resume), config, steps, overrides or [], log), resume, resume=True, log=log)
+    if config is None:
+        raise ValueError("give --config FILE for a new run, or --resume RUN_FOLDER to continue one")
     cfg = load_config(TrainConfig, config, overrides or [])
-    if steps:
+    if steps is not None:
         cfg.steps = steps
     return train(cfg, run_dir or Path("runs") / cfg.name, log=log)
+
+
+def resumed_config(run_dir: Path, config: str | None, steps: int | None, overrides: list[str], log) -> TrainConfig:
+    """A resumed run keeps its own config.yaml. Only --steps may change it (announced); a --config or overrides
+    given anyway are compared with it and each differing key is reported as ignored."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); start it with --config instead")
+    saved = validate(TrainConfig, read_yaml(saved_path), str(saved_path))
+    if config is not None or overrides:
+        asked = apply_overrides(read_yaml(config) if config else saved.model_dump(mode="json"), overrides)
+        asked = validate(TrainConfig, asked, str(config) if config else "overrides").model_dump(mode="json")
+        have = saved.model_dump(mode="json")
+        for key in sorted(k for k in _flat(asked) if k != "steps" and _flat(asked)[k] != _flat(have).get(k)):
+            log(f"resume keeps {key} = {_flat(have).get(key)!r} from {saved_path} (ignoring {_flat(asked)[key]!r}); "
+                f"start a new run to change it")
+        if steps is None and _flat(asked)["steps"] != saved.steps:
+            log(f"resume keeps steps = {saved.steps}; pass --steps to change the run's length")
+    if steps is not None and steps != saved.steps:
+        log(f"steps: {saved.steps} -> {steps} (written to {saved_path})")
+        saved.steps = steps
+    return saved
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -14,6 +14,32 @@ import torch
 MASKED = -1   # the value of a masked slot in a codes tensor
 
 
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def check_device(name: str, require_available: bool = True) -> str:
+    """A device name a user gave, checked and resolved ("auto": cuda where there is one, else cpu); a name torch
+    does not know or (with require_available) a device this machine lacks is a one-line error before any weight
+    is loaded. Without require_available only the spelling is checked (validating a config for another machine)."""
+    text = str(name).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"device {name!r} is not one of {', '.join(DEVICE_NAMES)}")
+    if not require_available:
+        return text
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             f"use --device cpu or auto")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available on this machine; use --device cpu or auto")
+    return text
+
+
 @dataclass
 class PromptBatch:
     """Tokenised prompts, padded to one length. `attn` is True on real tokens.
