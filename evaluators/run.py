@@ -57,6 +57,7 @@ class ImageRef:
     metadata: dict
     prompt_index: int
     tile: int | None = None
+    tile_size: int | None = None   # DPG: side of a tile (the official --resolution); None: half the grid
 
 
 # --- public API ------------------------------------------------------------------------------------------------
@@ -155,38 +156,45 @@ def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike
                 "images_per_prompt": suite.images_per_prompt, "min_images_per_tag": suite.min_images_per_tag,
                 "evaluators": {e.name: e.version for e in evaluators}}
     label = {"checkpoint": str(checkpoint_path), "run": run, "step": step, "backbone": backbone.name, "method": method}
-    done = _finished_metrics(store, suite, checkpoint_hash, protocol, label)
-    if done is not None:
-        return done
-
-    root = run_dir(out_root, images, checkpoint_hash, seed_override)
-    _prepare_folder(root, images, prompts, image_protocol)
-    eval_id = store.begin_evaluation(
-        suite.name, suite.version, str(checkpoint_path), suite.seed, protocol, checkpoint_hash=checkpoint_hash,
-        backbone=backbone.name, method=method, run=run, step=step, resume=True,
-        provenance=provenance.collect(suite=suite.name, suite_version=suite.version, sampler=_sampler_dict(cfg),
-                                      seeds={"seed": suite.seed, "index_stride": stride}, checkpoint=str(checkpoint_path),
-                                      checkpoint_hash=checkpoint_hash, images=str(root)))
-    module = backbone.module
-    was_training = module.training
-    module.eval()
-    try:
-        _generate_missing(backbone, suite, prompts, root, cfg, stride, batch_size, progress)
-    finally:
-        module.train(was_training)
-    refs = _expected_refs(root, suite, prompts)
-    metrics = _score_and_store(refs, evaluators, store, eval_id, suite.seed, batch_size, progress,
-                               root / "results.jsonl" if suite.layout == "geneval" else None)
-    store.finish_evaluation(eval_id)
-    return metrics
+    with store.evaluation_lock(suite.name, suite.version, checkpoint_hash, suite.seed, protocol):
+        done = _finished_metrics(store, suite, checkpoint_hash, protocol, label)
+        if done is not None:
+            return done
+        root = run_dir(out_root, images, checkpoint_hash, seed_override)
+        _prepare_folder(root, images, prompts, image_protocol)
+        eval_id = store.begin_evaluation(
+            suite.name, suite.version, str(checkpoint_path), suite.seed, protocol, checkpoint_hash=checkpoint_hash,
+            backbone=backbone.name, method=method, run=run, step=step, resume=True,
+            provenance=provenance.collect(suite=suite.name, suite_version=suite.version, sampler=_sampler_dict(cfg),
+                                          seeds={"seed": suite.seed, "index_stride": stride}, checkpoint=str(checkpoint_path),
+                                          checkpoint_hash=checkpoint_hash, images=str(root)))
+        module = backbone.module
+        was_training = module.training
+        module.eval()
+        try:
+            _generate_missing(backbone, suite, prompts, root, cfg, stride, batch_size, progress)
+        finally:
+            module.train(was_training)
+        refs = _expected_refs(root, suite, prompts)
+        metrics = _score_and_store(refs, evaluators, store, eval_id, suite.seed, batch_size, progress,
+                                   root / "results.jsonl" if suite.layout == "geneval" else None)
+        store.finish_evaluation(eval_id)
+        return metrics
 
 
 def evaluate_images_dir(images_dir: str | os.PathLike, suite: Suite | str, store, *, batch_size: int = 64,
-                        progress: Progress | bool | None = None, results_path: str | os.PathLike | None = None) -> dict[str, float]:
+                        progress: Progress | bool | None = None, results_path: str | os.PathLike | None = None,
+                        allow_partial: bool = False, tile_size: int | None = None) -> dict[str, float]:
     """Score images made elsewhere, in the suite's official layout, exactly as `evaluate` scores its own.
 
-    GenEval layout: numbered prompt folders, each with its own metadata.jsonl (the prompts come from there,
-    as in GenEval). DPG layout: a folder of 2x2 grids named <prompt_id>.<ext>; the prompts come from the suite.
+    GenEval layout: numbered prompt folders, each with its own metadata.jsonl and samples/<n>.png (as GenEval
+    reads them); every folder must be a prompt of the suite, with the suite's prompt. DPG layout: a folder of
+    2x2 grids named <prompt_id>.<ext>, cut into tiles of tile_size (the official script's --resolution; default
+    the suite's resolution, else half the grid); a grid of another size is an error.
+
+    The folder must hold every prompt of the suite with its number of images; otherwise the error lists what
+    is missing. allow_partial scores what is there and stores the evaluation as partial: its protocol carries
+    "partial" with the coverage, so it never shares a row with, or stands in for, a benchmark score.
     GenEval results.jsonl goes to results_path (default <images_dir>/results.jsonl).
     """
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
@@ -195,26 +203,59 @@ def evaluate_images_dir(images_dir: str | os.PathLike, suite: Suite | str, store
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder {images_dir} does not exist")
     evaluators = resolve_evaluators(suite)
-    refs = _scan_refs(images_dir, suite)
+    prompts = suite_prompts(suite)
+    if tile_size is None and suite.layout == "dpg":
+        tile_size = suite.resolution
+    refs = _scan_refs(images_dir, suite, prompts, tile_size)
     if not refs:
         what = "numbered prompt folders with samples/<n>.png" if suite.layout == "geneval" else "grid images"
         raise ValueError(f"{images_dir} holds no {what} (suite {suite.name!r} uses layout {suite.layout!r})")
+    coverage = _coverage(prompts, refs)
+    if coverage["missing"] and not allow_partial:
+        shown = ", ".join(f"{pid} ({have}/{need})" for pid, have, need in coverage["missing"][:8])
+        more = len(coverage["missing"]) - 8
+        raise ValueError(f"{images_dir} is incomplete for suite {suite.name!r} v{suite.version}: "
+                         f"{len(coverage['missing'])} of {coverage['prompts_total']} prompts lack images "
+                         f"(prompt (images found/needed): {shown}{f' and {more} more' if more > 0 else ''}); "
+                         f"add them, or pass --allow-partial to score what is there as a partial evaluation")
     hashed = sorted({r.path for r in refs} | {r.path.parent.parent / "metadata.jsonl" for r in refs if r.tile is None})
     images_hash = _files_digest(images_dir, hashed)
     protocol = {"source": "images", "layout": suite.layout, "evaluators": {e.name: e.version for e in evaluators}}
+    if suite.layout == "dpg":
+        protocol["tile_size"] = refs[0].tile_size
+    if coverage["missing"]:
+        protocol["partial"] = {k: v for k, v in coverage.items() if k != "missing"}
+        protocol["partial"]["missing_prompts"] = [pid for pid, _, _ in coverage["missing"]]
+    if coverage["missing"]:
+        print(f"warning: partial evaluation of {suite.name}: {coverage['prompts_scored']} of "
+              f"{coverage['prompts_total']} prompts, {coverage['images_scored']} of {coverage['images_expected']} "
+              f"images; stored and shown as partial, not as a benchmark score", file=sys.stderr, flush=True)
     label = {"checkpoint": str(images_dir), "run": None, "step": None, "backbone": None, "method": None}
-    done = _finished_metrics(store, suite, images_hash, protocol, label)
-    if done is not None:
-        return done
-    eval_id = store.begin_evaluation(
-        suite.name, suite.version, str(images_dir), suite.seed, protocol, checkpoint_hash=images_hash, resume=True,
-        provenance=provenance.collect(suite=suite.name, suite_version=suite.version, images=str(images_dir),
-                                      images_hash=images_hash, checkpoint_hash=images_hash))
-    if results_path is None and suite.layout == "geneval":
-        results_path = images_dir / "results.jsonl"
-    metrics = _score_and_store(refs, evaluators, store, eval_id, suite.seed, batch_size, progress, results_path)
-    store.finish_evaluation(eval_id)
-    return metrics
+    with store.evaluation_lock(suite.name, suite.version, images_hash, suite.seed, protocol):
+        done = _finished_metrics(store, suite, images_hash, protocol, label)
+        if done is not None:
+            return done
+        eval_id = store.begin_evaluation(
+            suite.name, suite.version, str(images_dir), suite.seed, protocol, checkpoint_hash=images_hash, resume=True,
+            provenance=provenance.collect(suite=suite.name, suite_version=suite.version, images=str(images_dir),
+                                          images_hash=images_hash, checkpoint_hash=images_hash))
+        if results_path is None and suite.layout == "geneval":
+            results_path = images_dir / "results.jsonl"
+        metrics = _score_and_store(refs, evaluators, store, eval_id, suite.seed, batch_size, progress, results_path)
+        store.finish_evaluation(eval_id)
+        return metrics
+
+
+def _coverage(prompts: list[SuitePrompt], refs: list[ImageRef]) -> dict:
+    """How much of the suite a folder holds: prompts and images found against those the suite asks for."""
+    found: dict[int, int] = {}
+    for r in refs:
+        if r.tile in (None, 0):      # one DPG grid = its prompt's 4 images
+            found[r.prompt_index] = found.get(r.prompt_index, 0) + (1 if r.tile is None else 4)
+    missing = [(p.prompt_id, found.get(p.index, 0), p.n_images) for p in prompts if found.get(p.index, 0) < p.n_images]
+    return {"prompts_scored": sum(1 for p in prompts if found.get(p.index, 0) > 0), "prompts_total": len(prompts),
+            "images_scored": sum(found.values()), "images_expected": sum(p.n_images for p in prompts),
+            "missing": missing}
 
 
 # --- folders ----------------------------------------------------------------------------------------------------
@@ -247,7 +288,12 @@ def _prepare_folder(root: Path, suite: Suite, prompts: list[SuitePrompt], image_
     """Create the folder with protocol.json and (GenEval) every metadata.jsonl; refuse a folder of other images."""
     marker = root / "protocol.json"
     if marker.exists():
-        old = json.loads(marker.read_text())
+        try:
+            old = json.loads(marker.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{marker} is corrupt ({e}); delete {root} to redraw its images") from None
         changed = sorted(k for k in set(old) | set(image_protocol) if old.get(k) != image_protocol.get(k))
         if changed:
             raise ValueError(f"{root} holds images drawn with other settings ({', '.join(changed)} differ) under "
@@ -260,7 +306,11 @@ def _prepare_folder(root: Path, suite: Suite, prompts: list[SuitePrompt], image_
     for p in prompts:
         path = confined(root, root / p.prompt_id / "metadata.jsonl")
         if path.exists():
-            if json.loads(path.read_text()) != p.metadata:
+            try:
+                held = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                held = None
+            if held != p.metadata:
                 raise ValueError(f"{path} holds another prompt than prompt {p.index} of suite {suite.name!r} "
                                  f"v{suite.version}; bump the suite version or delete {root}")
         else:
@@ -274,14 +324,20 @@ def _png_bytes(array: np.ndarray | Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _cached(path: Path) -> bool:
+    """An image of the cache that is there: a file with bytes (a zero-byte file, left by a full disk or copied
+    badly, is drawn again; writes are atomic, so a partial file cannot come from us)."""
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _generate_missing(backbone, suite: Suite, prompts: list[SuitePrompt], root: Path, cfg, stride: int,
                       batch_size: int, progress: Progress | None) -> int:
     """Draw every image whose file is missing, in batches, writing each file (or grid) as soon as it is whole."""
     from evaluators.dpg import make_grid
     if suite.layout == "geneval":
-        todo = [(p, j) for p in prompts for j in range(p.n_images) if not _sample_path(root, p, j).exists()]
+        todo = [(p, j) for p in prompts for j in range(p.n_images) if not _cached(_sample_path(root, p, j))]
     else:
-        todo = [(p, j) for p in prompts if not _grid_path(root, p).exists() for j in range(p.n_images)]
+        todo = [(p, j) for p in prompts if not _cached(_grid_path(root, p)) for j in range(p.n_images)]
     if progress:
         progress("generate", 0, len(todo))
     tiles: dict[str, dict[int, Image.Image]] = {}
@@ -314,10 +370,11 @@ def _expected_refs(root: Path, suite: Suite, prompts: list[SuitePrompt]) -> list
             for p in prompts for t in range(4)]
 
 
-def _scan_refs(images_dir: Path, suite: Suite) -> list[ImageRef]:
+def _scan_refs(images_dir: Path, suite: Suite, prompts: list[SuitePrompt], tile_size: int | None) -> list[ImageRef]:
     """The images of a folder in the suite's layout, read the way the official evaluators read them."""
     refs = []
     if suite.layout == "geneval":
+        by_index = {p.index: p for p in prompts}
         for folder in sorted(d for d in images_dir.iterdir() if d.is_dir() and d.name.isdigit()):
             meta_path = folder / "metadata.jsonl"
             if not meta_path.is_file():
@@ -325,23 +382,56 @@ def _scan_refs(images_dir: Path, suite: Suite) -> list[ImageRef]:
                                         f"<folder>/metadata.jsonl + <folder>/samples/<n>.png)")
             try:
                 metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta_path} is not one JSON object ({e})") from e
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{meta_path} is not one JSON object ({e})") from None
+            if not isinstance(metadata, dict) or not isinstance(metadata.get("prompt"), str):
+                raise ValueError(f"{meta_path} must hold one JSON object with a 'prompt' (GenEval metadata), "
+                                 f"not {type(metadata).__name__}")
+            expected = by_index.get(int(folder.name))
+            if expected is None:
+                raise ValueError(f"{folder} is not a prompt folder of suite {suite.name!r} v{suite.version} "
+                                 f"(it has {len(prompts)} prompts, folders 00000-{len(prompts) - 1:05d})")
+            if metadata["prompt"] != expected.metadata["prompt"]:
+                raise ValueError(f"{meta_path} holds prompt {metadata['prompt'][:80]!r}, but prompt "
+                                 f"{expected.index} of suite {suite.name!r} is {expected.metadata['prompt'][:80]!r}")
             samples = folder / "samples"
-            names = sorted(f.name for f in samples.iterdir() if _SAMPLE_NAME.match(f.name)) if samples.is_dir() else []
+            if not samples.is_dir():   # the official script fails on such a folder; so do we, naming it
+                raise FileNotFoundError(f"{folder} has no samples/ folder (GenEval layout: "
+                                        f"<folder>/samples/<n>.png)")
+            names = sorted(f.name for f in samples.iterdir() if _SAMPLE_NAME.match(f.name))
+            for n in names:
+                if not (samples / n).is_file():
+                    raise ValueError(f"{samples / n} is not an image file")
             refs += [ImageRef(f"{folder.name}/samples/{n}", samples / n, metadata, int(folder.name)) for n in names]
         return refs
     from evaluators.dpg import image_key
-    by_id = {p.prompt_id: p for p in suite_prompts(suite)}
+    by_id = {p.prompt_id: p for p in prompts}
     files = sorted(f for f in images_dir.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     unknown = [f.name for f in files if image_key(f.name) not in by_id]
     if unknown:
         raise ValueError(f"{images_dir}: grid(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not prompts "
                          f"of suite {suite.name!r} v{suite.version} (grids are named <prompt_id>.png)")
     for f in files:
+        size = _image_size(f)
+        if tile_size is None:    # no resolution given: the first grid sets it, every grid must then match
+            if size[0] != size[1] or size[0] % 2:
+                raise ValueError(f"{f} is {size[0]}x{size[1]}, not a square 2x2 grid; pass --resolution (the side "
+                                 f"of one image, as the official script's --resolution)")
+            tile_size = size[0] // 2
+        if size != (2 * tile_size, 2 * tile_size):
+            raise ValueError(f"{f} is {size[0]}x{size[1]}, but a 2x2 grid of {tile_size} px images is "
+                             f"{2 * tile_size}x{2 * tile_size}; pass --resolution with the side of one image")
         p = by_id[image_key(f.name)]
-        refs += [ImageRef(f"{p.prompt_id}/{t}", f, p.metadata, p.index, tile=t) for t in range(4)]
+        refs += [ImageRef(f"{p.prompt_id}/{t}", f, p.metadata, p.index, tile=t, tile_size=tile_size) for t in range(4)]
     return refs
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} is not a readable image ({e}); replace or delete it") from None
 
 
 def _files_digest(base: Path, files: list[Path]) -> str:
@@ -355,21 +445,25 @@ def _files_digest(base: Path, files: list[Path]) -> str:
 # --- scoring ----------------------------------------------------------------------------------------------------
 
 def _load_images(refs: list[ImageRef]) -> list[np.ndarray]:
-    """RGB uint8 arrays; a DPG grid is opened once and split into its 4 tiles."""
+    """RGB uint8 arrays; a DPG grid is opened once and split into its 4 tiles. A file that does not decode
+    (truncated, not an image) is an error naming it."""
     from evaluators.dpg import split_grid
     grids: dict[Path, list[Image.Image]] = {}
     out = []
     for r in refs:
         if not r.path.is_file():
             raise FileNotFoundError(f"image {r.path} is missing (was the folder changed during the run?)")
-        if r.tile is None:
-            with Image.open(r.path) as im:
-                out.append(np.asarray(im.convert("RGB")))
-        else:
-            if r.path not in grids:
+        try:
+            if r.tile is None:
                 with Image.open(r.path) as im:
-                    grids[r.path] = split_grid(im.convert("RGB"))
-            out.append(np.asarray(grids[r.path][r.tile]))
+                    out.append(np.asarray(im.convert("RGB")))
+            else:
+                if r.path not in grids:
+                    with Image.open(r.path) as im:
+                        grids[r.path] = split_grid(im.convert("RGB"), r.tile_size)
+                out.append(np.asarray(grids[r.path][r.tile]))
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{r.path} is not a readable image ({e}); replace or delete it") from None
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -112,6 +113,16 @@ def _lazy(module: str, attr: str, what: str):
     if not hasattr(mod, attr):
         raise ImportError(f"{what} is not available in this checkout ({module} has no {attr})")
     return getattr(mod, attr)
+
+
+def _finite(value: Optional[float], flag: str, minimum: float | None = None, above: bool = False) -> None:
+    """A number from the command line: finite (nan / inf would run and write nonsense), and in range."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {value}")
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        raise UsageError(f"{flag} must be {'>' if above else '>='} {minimum:g}, got {value:g}")
 
 
 def _device(name: str) -> str:
@@ -240,7 +251,8 @@ def validate_cmd(config: Path = typer.Argument(..., help="a suite YAML or a trai
 @app.command("pretrain")
 @clean_errors
 def pretrain_cmd(out: Path = typer.Option(Path("runs/pretrain/tiny_base.safetensors"), help="weights file to write"),
-                 steps: int = typer.Option(20000), batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
+                 steps: int = typer.Option(20000, min=1), batch_size: int = typer.Option(256, min=1),
+                 lr: float = typer.Option(1e-3),
                  seed: int = typer.Option(0), device: str = typer.Option("auto", help="cpu, cuda or auto"),
                  workers: int = typer.Option(0, help="data loader worker processes"),
                  snapshot_every: int = typer.Option(0, help="also save every N steps (0: never)"),
@@ -250,23 +262,35 @@ def pretrain_cmd(out: Path = typer.Option(Path("runs/pretrain/tiny_base.safetens
 
     Example: harness pretrain --steps 2000 --out runs/pretrain/small.safetensors --device cuda
     """
+    import dataclasses
     import json
+    from harness.backbones.tiny import TinyConfig
     from harness.pretrain import pretrain
+    _finite(lr, "--lr", 0.0, above=True)
+    _finite(max_minutes, "--max-minutes", 0.0)
+    try:
+        overrides = json.loads(model)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--model is not JSON ({e.msg}); give e.g. '{{\"d_model\": 192}}'") from None
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TinyConfig)}) \
+        if isinstance(overrides, dict) else None
+    if unknown is None or unknown:
+        raise UsageError(f"--model must be a JSON object of TinyConfig fields; unknown: {unknown or model}")
     path = pretrain(str(out), steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=_device(device),
-                    workers=workers, snapshot_every=snapshot_every, max_minutes=max_minutes, model=json.loads(model))
+                    workers=workers, snapshot_every=snapshot_every, max_minutes=max_minutes, model=overrides)
     typer.echo(f"wrote {path}")
 
 
 @app.command("generate")
 @clean_errors
 def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
-                 out: Path = typer.Option(..., help="PNG file to write"),
+                 out: Path = typer.Option(..., help="image file to write (.png, .jpg or .webp; default .png)"),
                  checkpoint: Optional[str] = typer.Option(
                      None, help='weights file or run checkpoint folder; default: the shipped base; "" = random init'),
                  backbone: str = typer.Option("tiny"), seed: int = typer.Option(0),
                  n: int = typer.Option(1, min=1, help="number of images"),
                  grid: bool = typer.Option(False, help="with --n > 1: one grid image at --out instead of numbered files"),
-                 steps: Optional[int] = typer.Option(None, help="sampler steps (default: the backbone's)"),
+                 steps: Optional[int] = typer.Option(None, min=1, help="sampler steps (default: the backbone's)"),
                  cfg: Optional[float] = typer.Option(None, help="classifier-free guidance weight"),
                  device: str = typer.Option("auto")):
     """Draw images for one prompt.
@@ -284,6 +308,11 @@ def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
     from harness.io import atomic_write_bytes
     from harness.sampling import PRESETS, generate, sampler_config
 
+    _finite(cfg, "--cfg", 0.0)
+    formats = {"": "PNG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+    image_format = formats.get(out.suffix.lower())
+    if image_format is None:
+        raise UsageError(f"--out {out}: unknown image type {out.suffix!r}; use .png, .jpg or .webp")
     bb = load_backbone(backbone, checkpoint, _device(device))
     overrides = {k: v for k, v in (("steps", steps), ("cfg", cfg)) if v is not None}
     sampler = sampler_config(backbone if backbone in PRESETS else None, **overrides)
@@ -293,7 +322,7 @@ def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
 
     def save(image, path: Path) -> Path:
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        image.save(buffer, format=image_format, **({"quality": 95} if image_format != "PNG" else {}))
         return atomic_write_bytes(path, buffer.getvalue())
 
     if n == 1:
@@ -354,6 +383,10 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
              out: Path = typer.Option(Path("results/images"), help="root of the image folders (the cache)"),
              backbone: str = typer.Option("tiny"), batch_size: int = typer.Option(32, min=1),
              device: str = typer.Option("auto"),
+             allow_partial: bool = typer.Option(False, help="with --images: score an incomplete folder, stored and "
+                                                            "shown as a partial evaluation"),
+             resolution: Optional[int] = typer.Option(None, min=1, help="with --images, DPG layout: the side of one "
+                                                                       "image of a 2x2 grid (official --resolution)"),
              overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value changes to every suite, "
                                                                         "e.g. evaluators=[imagereward]")):
     """Evaluate checkpoints (or a folder of images) on suites; results go to the store.
@@ -378,6 +411,9 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
     sources = [x for x in (checkpoint, run, images) if x is not None]
     if len(sources) != 1:
         _fail("give exactly one of --checkpoint, --run or --images", 2)
+    if images is None and (allow_partial or resolution is not None):
+        _fail("--allow-partial and --resolution apply to --images only (a checkpoint's own images are complete "
+              "and drawn at the backbone's resolution)", 2)
     registry.target("backbones", backbone)
     names = suites_for_backbone(backbone) if suite == "all" else [s.strip() for s in suite.split(",") if s.strip()]
     if not names:
@@ -403,7 +439,8 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
         if images is not None:
             for s in suites:
                 metrics = evaluate_images_dir(images, s, results, batch_size=batch_size,
-                                              progress=_progress_callback(bar, s.name))
+                                              progress=_progress_callback(bar, s.name), allow_partial=allow_partial,
+                                              tile_size=resolution if s.layout == "dpg" else None)
                 _print_metrics(f"{s.name} v{s.version}: {images}", metrics)
             return
         method = None
@@ -502,6 +539,7 @@ def check_cmd(checkpoint: Path = typer.Option(..., help="checkpoint to check"),
 
     Example: harness check --checkpoint runs/a/checkpoints/step_000100 --baseline leaderboards/baselines/tiny.json
     """
+    _finite(tolerance, "--tolerance", 0.0)
     cli_check = _lazy("leaderboards.check", "cli_check", "the regression check")
     code = cli_check(checkpoint=checkpoint, baseline=baseline, tolerance=tolerance, update=update)
     raise typer.Exit(int(code or 0))

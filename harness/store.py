@@ -39,6 +39,7 @@ import json
 import math
 import os
 import sqlite3
+import sys
 import time
 import urllib.parse
 from contextlib import contextmanager
@@ -301,6 +302,31 @@ class ResultsStore:
                     f"version {SCHEMA_VERSION}; use a matching harness or a new store path")
 
     # ---- evaluations ------------------------------------------------------------------------
+
+    @contextmanager
+    def evaluation_lock(self, suite: str, suite_version: str, checkpoint_hash: str, seed: int,
+                        protocol: dict) -> Iterator[None]:
+        """Held by the one process that draws and scores an evaluation of this identity. A second process
+        (another terminal, a training run's checkpoint scoring) waits here, then finds the evaluation finished
+        and returns it, instead of redoing the work and failing at the end. The lock is an flock on a file in
+        <store>.locks/, released by the OS when its holder dies."""
+        import fcntl
+        import hashlib
+        identity = _to_json({"suite": suite, "version": suite_version, "checkpoint_hash": checkpoint_hash,
+                             "seed": int(seed), "protocol": protocol})
+        folder = self.path.with_name(self.path.name + ".locks")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"another process is evaluating {suite} v{suite_version} on checkpoint {checkpoint_hash[:12]} "
+                      f"into {self.path}; waiting for it", file=sys.stderr, flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def begin_evaluation(
         self,
