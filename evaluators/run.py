@@ -119,11 +119,12 @@ def resolve_evaluators(suite: Suite) -> list[Evaluator]:
 def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike, store,
              out_root: str | os.PathLike = "results/images", batch_size: int = 32, progress: Progress | bool | None = None,
              checkpoint_hash: str | None = None, run: str | None = None, step: int | None = None,
-             method: str | None = None, seed: int | None = None) -> dict[str, float]:
+             method: str | None = None, seed: int | None = None, train_seed: int | None = None) -> dict[str, float]:
     """Generate (what is missing), score (what is unscored) and store one suite on one checkpoint.
 
     checkpoint_hash defaults to weights_hash(checkpoint_path); pass it when the checkpoint is not local (a hub
-    id). seed overrides the suite's seed (its images get their own folder). progress: a callable
+    id). seed overrides the suite's seed (its images get their own folder). train_seed: the training run's seed
+    (recorded in the provenance; the leaderboard's replicates). progress: a callable
     (stage, done, total), True for plain lines on stderr, or None / False. run, step and method label the
     stored evaluation. Returns {metric name: value} over all the suite's evaluators.
     """
@@ -167,7 +168,8 @@ def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike
             backbone=backbone.name, method=method, run=run, step=step, resume=True,
             provenance=provenance.collect(suite=suite.name, suite_version=suite.version, sampler=_sampler_dict(cfg),
                                           seeds={"seed": suite.seed, "index_stride": stride}, checkpoint=str(checkpoint_path),
-                                          checkpoint_hash=checkpoint_hash, images=str(root)))
+                                          checkpoint_hash=checkpoint_hash, images=str(root),
+                                          **({"train_seed": int(train_seed)} if train_seed is not None else {})))
         module = backbone.module
         was_training = module.training
         module.eval()

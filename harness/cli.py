@@ -130,22 +130,15 @@ def _device(name: str) -> str:
     return check_device(name)
 
 
-def _weights_file(backbone: str, checkpoint: str) -> str:
-    """A tiny run checkpoint is a folder holding model.safetensors."""
-    if backbone == "tiny" and checkpoint and Path(checkpoint).is_dir():
-        return str(Path(checkpoint) / "model.safetensors")
-    return checkpoint
-
-
 def load_backbone(name: str, checkpoint: Optional[str], device: str = "cpu"):
-    """Backbone `name` from a checkpoint file or folder; None = its default weights, "" = random (tiny)."""
+    """Backbone `name` from a checkpoint file or folder; None = its default weights, "" = random (tiny). A run
+    checkpoint with a LoRA adapter loads its base model and the adapter (harness.runs owns that rule)."""
+    from harness.runs import load_checkpoint_backbone
     try:
-        loader = registry.get("backbones", name)
+        registry.get("backbones", name)
     except ImportError as e:
         raise ImportError(f"backbone {name!r} is not available in this install ({e})") from None
-    if checkpoint is None:
-        return loader(device=device)
-    return loader(_weights_file(name, checkpoint), device=device)
+    return load_checkpoint_backbone(name, checkpoint, device)
 
 
 def _progress_bar():
@@ -344,35 +337,6 @@ def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
 
 # --- eval -------------------------------------------------------------------------------------------------------
 
-def _run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    folder = run_dir / "checkpoints"
-    found = []
-    for d in sorted(folder.glob("step_*")) if folder.is_dir() else []:
-        step = _run_checkpoint_step(d)
-        if step is not None:
-            found.append((step, d))
-    if not found:
-        raise FileNotFoundError(f"run {run_dir} has no checkpoints/step_*/ folders")
-    return sorted(found)
-
-
-def _run_checkpoint_step(path: Path) -> Optional[int]:
-    """The step of a run's checkpoint folder (RUN/checkpoints/step_000100 -> 100), else None."""
-    if path.is_dir() and path.parent.name == "checkpoints" and path.name.startswith("step_") and path.name[5:].isdigit():
-        return int(path.name[5:])
-    return None
-
-
-def _run_method(run_dir: Path) -> Optional[str]:
-    """The method name a training run recorded in its config.yaml (method.name), if any."""
-    from harness.config import read_yaml
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    method = read_yaml(path).get("method")
-    return method.get("name") if isinstance(method, dict) else None
-
-
 @app.command("eval")
 @clean_errors
 def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated, or 'all' (every suite of --backbone)"),
@@ -443,25 +407,26 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
                                               tile_size=resolution if s.layout == "dpg" else None)
                 _print_metrics(f"{s.name} v{s.version}: {images}", metrics)
             return
-        method = None
+        from harness.runs import RunDir, checkpoint_of
         if run is not None:
-            targets = [(step, str(path), str(run)) for step, path in _run_checkpoints(run)]
-            method = _run_method(run)
-        elif checkpoint and (step := _run_checkpoint_step(Path(checkpoint))) is not None:
-            # one checkpoint of a run: keep its step, run and method, as --run would
-            run_of = Path(checkpoint).parent.parent
-            targets = [(step, checkpoint, str(run_of))]
-            method = _run_method(run_of)
+            found = RunDir(run).checkpoints(resumable=False)
+            if not found:
+                raise FileNotFoundError(f"run {run} has no checkpoints/step_*/ folders")
+        elif checkpoint and checkpoint_of(checkpoint) is not None:
+            found = [checkpoint_of(checkpoint)]     # one checkpoint of a run: keep its step, run and method
         else:
-            targets = [(None, checkpoint, None)]
-        for step, path, run_name in targets:
+            found = []
+        targets = [(c.step, str(c.path), c.run) for c in found] or [(None, checkpoint, None)]
+        for step, path, run_of in targets:
             if not path:
                 _fail("--checkpoint must name a weights file or folder (random weights are not evaluated)", 2)
             bb = load_backbone(backbone, path, _device(device))
             for s in suites:
                 metrics = evaluate(bb, s, checkpoint_path=path, store=results, out_root=out, batch_size=batch_size,
                                    progress=_progress_callback(bar, f"{s.name} {Path(path).name}"),
-                                   run=run_name, step=step, method=method)
+                                   run=str(run_of.path) if run_of else None, step=step,
+                                   method=run_of.method() if run_of else None,
+                                   train_seed=run_of.train_seed() if run_of else None)
                 _print_metrics(f"{s.name} v{s.version}: {path}", metrics)
 
 

@@ -13,7 +13,8 @@ Everything is inline (CSS, and figures as base64 PNG), so the file can be mailed
   across its checkpoints, the base model first when it was evaluated the same way.
   An image is found from its record's "path" / "image_path" / "filename" (absolute, or relative to
   the evaluation's output folder), else in the GenEval layout <root>/<prompt:05d>/samples/<image:04d>.png,
-  where root is provenance["out_dir"] (or "output_dir", "out_root", "images_dir"). Missing images
+  or at <root>/<key> when the key is a relative image path (what `harness eval` stores), where root is
+  provenance["images"] (or "out_dir", "output_dir", "out_root", "images_dir"). Missing images
   leave a note instead of a grid.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from leaderboards.leaderboard import (PAPER, SPECS, TEXT_COLUMNS, build_tables, 
                                       protocol_label, step_or_none, table_title, text_or_none)
 
 CURVE_KEYS = ("reward_mean", "zero_spread_frac", "kl", "clip_frac", "ratio_mean", "loss")
-ROOT_KEYS = ("out_dir", "output_dir", "out_root", "images_dir")
+ROOT_KEYS = ("images", "out_dir", "output_dir", "out_root", "images_dir")   # "images": what `harness eval` records
 PATH_KEYS = ("path", "image_path", "filename")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 GENEVAL_KEY = re.compile(r"^(\d+)/(\d+)$")
@@ -182,6 +183,8 @@ def find_image(key: str, record: dict, root: Path | None) -> Path | None:
             for candidate in ([path] if path.is_absolute() else [root / path] if root else []) + [path]:
                 if candidate.is_file():
                     return candidate
+    if root is not None and key.lower().endswith(IMAGE_SUFFIXES) and (root / key).is_file():
+        return root / key      # GenEval layout: the record key is the image's path in the folder
     match = GENEVAL_KEY.match(key)
     if root is not None and match:
         candidate = root / f"{int(match.group(1)):05d}" / "samples" / f"{int(match.group(2)):04d}.png"

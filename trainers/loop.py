@@ -31,6 +31,7 @@ from harness.backbones.base import PromptBatch, mask_prompt_tokens, token_logpro
 from harness.checkpoint import load_weights
 from harness.config import apply_overrides, dump_config, load_config, read_yaml, validate
 from harness.io import append_jsonl, atomic_write_text, read_jsonl, sha256_file
+from harness.runs import RunDir
 from harness.sampling import Rollout, sampler_config, generate
 from harness.shapes.prompts import sample_metadata
 from trainers.config import TrainConfig
@@ -385,15 +386,14 @@ def train_step(tr: Trainer, step: int) -> dict:
 # --- checkpoints -------------------------------------------------------------------------------------
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.pt").exists()) if root.exists() else []
+    return [c.path for c in RunDir(run_dir).checkpoints()]
 
 
 def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None = None) -> Path:
     """Write checkpoints/step_XXXXXX/ atomically: build it in a temp dir, then rename. `log_line` (the step's
     metrics) is kept beside the weights, so a kill before it reaches metrics.jsonl loses nothing."""
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
-    tmp = run_dir / "checkpoints" / f".tmp_step_{step:06d}_{os.getpid()}"
+    final = RunDir(run_dir).checkpoint_path(step)
+    tmp = RunDir(run_dir).temporary_checkpoint_path(step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"backbone": tr.cfg.backbone.name, "step": str(step), "method": tr.cfg.method.name, "run": str(run_dir)}
@@ -514,23 +514,24 @@ def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path, step: int) -> dict[
     from evaluators.suites import load_suite
     from harness.store import ResultsStore
     with ResultsStore(tr.cfg.checkpoint.eval_store) as store, tr.averaged_weights():
-        metrics = evaluate(tr.backbone, load_suite(suite), checkpoint_path=ckpt, store=store, out_root=run_dir / "eval",
+        metrics = evaluate(tr.backbone, load_suite(suite), checkpoint_path=ckpt, store=store,
+                           out_root=RunDir(run_dir).eval_images,
                            batch_size=tr.cfg.rollout.batch_size, progress=False,
-                           run=str(run_dir), method=tr.cfg.method.name, step=step)
+                           run=str(run_dir), method=tr.cfg.method.name, step=step, train_seed=tr.cfg.seed)
     return {f"eval/{suite}/{k}": v for k, v in metrics.items()}
 
 
 # --- the run -------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print) -> Path:
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
+    run = RunDir(run_dir)
+    run_dir, metrics_path = run.path, run.metrics_path
     start, restored = 0, None
     if resume:
-        saved = read_yaml(run_dir / "config.yaml")
+        saved = run.config()
         saved["steps"] = cfg.steps
-        cfg = validate(TrainConfig, saved, str(run_dir / "config.yaml"))
-    elif run_dir.exists() and (checkpoint_dirs(run_dir) or metrics_path.exists()):
+        cfg = validate(TrainConfig, saved, str(run.config_path))
+    elif run.holds_a_run():
         # a run killed before its first checkpoint leaves only metrics.jsonl; a fresh start would append to it
         raise FileExistsError(f"{run_dir} already holds a run (checkpoints or metrics.jsonl); use "
                               f"`harness train --resume {run_dir}` or choose another --run-dir")
@@ -552,7 +553,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
             atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         log(f"resuming {run_dir} at step {start}")
     config_text = dump_config(cfg)
-    config_path = run_dir / "config.yaml"
+    config_path = run.config_path
     if not config_path.is_file() or config_path.read_text() != config_text:   # resume rewrites it only for --steps
         atomic_write_text(config_path, config_text)
     writer = None
@@ -561,7 +562,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         # purge_step drops older events from that step on: steps after the checkpoint, and the checkpoint's own
         # step when its line is restored (rewritten just below)
         purge = start if restored is not None else start + 1
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge if start else None)
+        writer = SummaryWriter(str(run.tensorboard_dir), purge_step=purge if start else None)
         if restored is not None:
             write_scalars(writer, restored, start)
     for step in range(start, cfg.steps):
@@ -582,7 +583,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
 def prepare_run_folder(run_dir: Path) -> None:
     """Before the first step: the run folder (and checkpoints/ where it exists) are writable (a read-only folder fails now, not
     after a full step), and temporary folders of checkpoint saves killed midway are removed."""
-    folder = run_dir / "checkpoints"
+    run = RunDir(run_dir)
+    folder = run.checkpoints_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     for path in (run_dir, folder) if folder.is_dir() else (run_dir,):
         probe = path / f".write_probe_{os.getpid()}"
@@ -592,9 +594,8 @@ def prepare_run_folder(run_dir: Path) -> None:
         except OSError as e:
             raise PermissionError(f"cannot write in {path} ({e.strerror or e}); make it writable or choose "
                                   f"another --run-dir") from None
-    for tmp in folder.glob(".tmp_step_*"):
-        pid = tmp.name.rpartition("_")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+    for tmp, pid in run.temporary_checkpoints():
+        if pid is not None and pid != os.getpid() and _process_alive(pid):
             continue    # another live process is writing it
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -641,7 +642,7 @@ def cli_train(config: str | None = None, run_dir: str | None = None, steps: int 
 def resumed_config(run_dir: Path, config: str | None, steps: int | None, overrides: list[str], log) -> TrainConfig:
     """A resumed run keeps its own config.yaml. Only --steps may change it (announced); a --config or overrides
     given anyway are compared with it and each differing key is reported as ignored."""
-    saved_path = run_dir / "config.yaml"
+    saved_path = RunDir(run_dir).config_path
     if not saved_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); start it with --config instead")
     saved = validate(TrainConfig, read_yaml(saved_path), str(saved_path))
