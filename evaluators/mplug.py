@@ -542,26 +542,96 @@ def beam_search(n: int, step, reorder, gen: Generation, device) -> list[tuple[li
 # --- text -------------------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    """bert-base-uncased WordPiece from vocab.txt: encoding through transformers' BertTokenizer, decoding as
-    BertTokenizer.decode(skip_special_tokens=True) with clean_up_tokenization_spaces (transformers 4.57)."""
+    """bert-base-uncased WordPiece from vocab.txt, written out so that it does not depend on a transformers version:
+    encoding as BertTokenizer(do_lower_case=True) (clean text, CJK split, lower-case, strip accents, split on
+    punctuation, greedy longest-match wordpieces, [UNK] for a word it cannot split or longer than 100 characters);
+    decoding as BertTokenizer.decode(skip_special_tokens=True) with clean_up_tokenization_spaces (transformers 4.57,
+    modelscope's pin)."""
 
     CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
                (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
     SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
     def __init__(self, vocab_file: Path):
-        from transformers import BertTokenizer
-        self.tokenizer = BertTokenizer(vocab_file=str(vocab_file), do_lower_case=True)
         self.vocab = [line.rstrip("\n") for line in open(vocab_file, encoding="utf-8")]
+        self.ids = {tok: i for i, tok in reversed(list(enumerate(self.vocab)))}
         if len(self.vocab) <= END_ID or self.vocab[START_ID] != "[CLS]" or self.vocab[END_ID] != "[SEP]":
             raise ValueError(f"{vocab_file}: ids {START_ID}/{END_ID} must be [CLS]/[SEP] (the beam search "
                              f"hard-codes them); is it bert-base-uncased's vocab.txt?")
         self.special_ids = {i for i, tok in enumerate(self.vocab) if tok in self.SPECIAL}
+        self.pad_id, self.unk_id = self.ids.get("[PAD]", 0), self.ids.get("[UNK]", 100)
+
+    @staticmethod
+    def _words(text: str) -> list[str]:
+        import unicodedata
+
+        def is_punct(ch):
+            cp = ord(ch)
+            return (33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+                    or unicodedata.category(ch).startswith("P"))
+
+        def is_cjk(cp):
+            return any(lo <= cp <= hi for lo, hi in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF),
+                                                     (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF),
+                                                     (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+        cleaned = []
+        for ch in text:
+            cp = ord(ch)
+            if cp == 0 or cp == 0xFFFD or (unicodedata.category(ch).startswith("C") and ch not in "\t\n\r"):
+                continue
+            if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
+                cleaned.append(" ")
+            elif is_cjk(cp):
+                cleaned.append(f" {ch} ")
+            else:
+                cleaned.append(ch)
+        words = []
+        for token in "".join(cleaned).split():
+            token = "".join(c for c in unicodedata.normalize("NFD", token.lower()) if unicodedata.category(c) != "Mn")
+            current = ""
+            for ch in token:
+                if is_punct(ch):
+                    if current:
+                        words.append(current)
+                    words.append(ch)
+                    current = ""
+                else:
+                    current += ch
+            if current:
+                words.append(current)
+        return words
+
+    def wordpieces(self, text: str) -> list[int]:
+        out = []
+        for word in self._words(text):
+            if len(word) > 100:
+                out.append(self.unk_id)
+                continue
+            pieces, start = [], 0
+            while start < len(word):
+                end = len(word)
+                while end > start:
+                    piece = word[start:end] if start == 0 else "##" + word[start:end]
+                    if piece in self.ids:
+                        break
+                    end -= 1
+                if end == start:
+                    pieces = [self.unk_id]
+                    break
+                pieces.append(self.ids[piece])
+                start = end
+            out += pieces
+        return out
 
     def questions(self, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.tokenizer([q.lower() for q in questions], padding="max_length", truncation=True,
-                             max_length=QUESTION_TOKENS, return_tensors="pt")
-        return out["input_ids"], out["attention_mask"]
+        """As tokenizer(q.lower(), padding='max_length', truncation=True, max_length=25)."""
+        ids = torch.full((len(questions), QUESTION_TOKENS), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(questions), QUESTION_TOKENS), dtype=torch.long)
+        for i, q in enumerate(questions):
+            row = [START_ID] + self.wordpieces(q.lower())[:QUESTION_TOKENS - 2] + [END_ID]
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        return ids, mask
 
     def decode(self, ids: list[int]) -> str:
         tokens = [self.vocab[i] for i in ids if i not in self.special_ids]

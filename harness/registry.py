@@ -31,6 +31,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "shapes-dpg": "evaluators.shapes_suites:SHAPES_DPG",
         "shapes-quality": "evaluators.shapes_suites:SHAPES_QUALITY",
         "geneval": "evaluators.geneval_official:GENEVAL",
+        "dpg": "evaluators.dpg_judge:DPG",
         "pickscore": "evaluators.preference:PICKSCORE",
         "clipscore": "evaluators.preference:CLIPSCORE",
         "clipscore-hessel": "evaluators.preference:CLIPSCORE_HESSEL",
