@@ -230,7 +230,7 @@ def test_beam_search_rules_on_a_scripted_decoder():
 @pytest.mark.skipif(not MODELSCOPE_PY.is_file(), reason=f"no modelscope venv at {MODELSCOPE_PY} (see "
                     "../shared/docs/dpg_vqa.md section 6, recipe B)")
 def test_answers_equal_modelscope(tmp_path):
-    script = Path(__file__).with_name("data") / "mplug_modelscope_oracle.py"
+    script = Path(__file__).with_name("mplug_oracle.py")
     folder = tmp_path / "ms"
     folder.mkdir()
     (folder / "config_bert.json").write_text(json.dumps(BERT))
