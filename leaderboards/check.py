@@ -276,14 +276,14 @@ def cli_check(checkpoint: str | Path, baseline: str | Path, tolerance: float | N
     baseline - tolerance (or a missing metric / changed suite version), else 0. With update, the
     baseline file is rewritten (atomically) with the measured values and 0 is returned."""
     from evaluators.run import evaluate   # lazy: model code is only needed when a check actually runs
-    from harness.registry import get
+    from harness.runs import load_checkpoint_backbone
 
     baseline_path = Path(baseline)
     data = load_baseline(baseline_path)
     results = store if isinstance(store, ResultsStore) else ResultsStore(store)
     out_root = Path(out_root) if out_root is not None else Path("results") / "check"
     try:
-        backbone = get("backbones", data["backbone"])(checkpoint)
+        backbone = load_checkpoint_backbone(data["backbone"], checkpoint)   # a LoRA run checkpoint: base + adapter
         measured, versions, better, stored_hash = {}, {}, {}, None
         for suite in sorted(data["suites"]):
             measured[suite] = evaluate(backbone, suite, checkpoint_path=checkpoint, store=results,

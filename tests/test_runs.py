@@ -156,3 +156,21 @@ def test_every_help_example_runs(run, tmp_path, monkeypatch):
             assert result.exit_code == 0, (example, result.output)
             checked += 1
     assert checked >= 4
+
+
+def test_scoring_during_training_and_eval_of_the_run_draw_and_score_once(run, tmp_path):
+    """What `make demo` does: the checkpoint scored while training is not drawn or scored again by `harness eval
+    --run` into the same store and image root."""
+    store = tmp_path / "store.sqlite"
+    result = harness("train", "--config", run / "train.yaml", "--run-dir", tmp_path / "r",
+                     f"checkpoint.eval_suite={run / 'suite.yaml'}", f"checkpoint.eval_store={store}")
+    assert result.exit_code == 0, result.output
+    images = sorted(p for p in (tmp_path / "r" / "eval").rglob("*.png"))
+    stamps = [p.stat().st_mtime_ns for p in images]
+    result = harness("eval", "--suite", run / "suite.yaml", "--run", tmp_path / "r", "--store", store,
+                     "--out", tmp_path / "r" / "eval", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert sorted((tmp_path / "r" / "eval").rglob("*.png")) == images
+    assert [p.stat().st_mtime_ns for p in images] == stamps
+    with ResultsStore(store, readonly=True) as s:
+        assert s.conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 1
