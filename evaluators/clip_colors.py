@@ -8,11 +8,28 @@ L2-normalised, the three are averaged and the mean is normalised again. Predicti
 The weights are the HF port of OpenAI's CLIP ViT-L/14 (`openai/clip-vit-large-patch14`), read from a local
 folder (argument or $HARNESS_CLIP_DIR); nothing is downloaded. The official scorer uses open_clip's "ViT-L-14"
 with pretrained="openai", the same weights. Its image transform (shortest side to 224 bicubic, centre crop,
-OpenAI mean/std) is reproduced here with PIL, so no torchvision is needed.
+OpenAI mean/std) is reproduced here with PIL, so no torchvision is needed, and its text goes through the
+open_clip / OpenAI CLIP cleaning (`openai_clean`) before BPE.
+
+The helpers here serve every CLIP-family scorer, each with its own official rules:
+  image  `preprocess(..., rule=TORCHVISION)`: torchvision's Resize(224, BICUBIC) + CenterCrop(224) on a PIL image
+         (OpenAI CLIP's `_transform`, open_clip's val transform, ImageReward, Hessel's CLIPScore): new long side
+         int(224 * long / short), crop offset int(round((side - 224) / 2.0));
+         `rule=HF_PROCESSOR`: transformers' CLIPImageProcessor (PickScore's AutoProcessor, torchmetrics'
+         CLIPProcessor): the same resize (int truncation, PIL bicubic in its PIL backend) but crop offset
+         (side - 224) // 2, so sides with (side - 224) % 4 == 3 land one pixel apart from torchvision.
+  text   `openai_clean` = ftfy.fix_text, html.unescape twice, strip, whitespace runs to one space, lower case:
+         what open_clip's and OpenAI's SimpleTokenizer do before BPE; transformers' CLIPTokenizer only does NFC,
+         whitespace and lower case, so curly quotes, `&amp;` or ligatures get other ids without it.
+         truncation "eot" keeps the end-of-text token at position 76 (open_clip, `clip.tokenize(truncate=True)`,
+         the HF tokenizer with truncation=True); "slice" cuts the ids at 77 as torchmetrics' CLIPScore does.
 """
 from __future__ import annotations
 
+import copy
+import html
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +52,11 @@ BACKGROUND_RGB = (0x99, 0x99, 0x99)   # GenEval's bgcolor "#999"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 LOGIT_SCALE = 100.0                   # clip_benchmark's fixed 100 * cos (not the model's learnt logit scale)
+CONTEXT_LENGTH = 77                   # every CLIP text tower here (open_clip model_configs "context_length": 77)
+TORCHVISION = "torchvision"           # image rules, see the module docstring
+HF_PROCESSOR = "hf-processor"
+IMAGE_RULES = (TORCHVISION, HF_PROCESSOR)
+TRUNCATIONS = ("eot", "slice")
 
 
 @dataclass
@@ -104,22 +126,89 @@ def masked_crop(image: np.ndarray | Image.Image, mask: np.ndarray, bbox) -> Imag
     return composite.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))
 
 
-def preprocess(crop: Image.Image, size: int) -> torch.Tensor:
-    """open_clip's OpenAI val transform in PIL: shortest side to `size` (bicubic), centre crop, normalise.
-    Returns [3, size, size] float32."""
-    width, height = crop.size
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at `size` and the longer one int(size * long / short): torchvision's
+    Resize(int) (_compute_resized_output_size) and transformers' get_resize_output_image_size alike."""
     if width <= height:
-        new_size = (size, int(size * height / width))
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def crop_offset(side: int, size: int, rule: str = TORCHVISION) -> int:
+    """Where a centre crop of `size` starts in `side`: torchvision's CenterCrop int(round((side - size) / 2.0))
+    (round half to even), transformers' center_crop (side - size) // 2."""
+    if rule == TORCHVISION:
+        return int(round((side - size) / 2.0))
+    if rule == HF_PROCESSOR:
+        return (side - size) // 2
+    raise ValueError(f"unknown image rule {rule!r}; known: {', '.join(IMAGE_RULES)}")
+
+
+def preprocess(crop: Image.Image, size: int, rule: str = TORCHVISION) -> torch.Tensor:
+    """Shortest side to `size` (PIL bicubic), centre crop (offset by `rule`), [0, 1], OpenAI mean / std.
+    rule=TORCHVISION: the OpenAI / open_clip val transform; rule=HF_PROCESSOR: CLIPImageProcessor (PIL backend),
+    which also rescales as float64 * (1 / 255) before casting. Returns [3, size, size] float32."""
+    if rule not in IMAGE_RULES:
+        raise ValueError(f"unknown image rule {rule!r}; known: {', '.join(IMAGE_RULES)}")
+    picture = crop.convert("RGB")
+    new_size = resized_size(picture.width, picture.height, size)
+    resized = picture if new_size == picture.size else picture.resize(new_size, Image.BICUBIC)
+    left = crop_offset(resized.width, size, rule)
+    top = crop_offset(resized.height, size, rule)
+    square = np.asarray(resized.crop((left, top, left + size, top + size)))
+    if rule == HF_PROCESSOR:
+        scaled = (square.astype(np.float64) * (1 / 255)).astype(np.float32)
     else:
-        new_size = (int(size * width / height), size)
-    resized = crop.convert("RGB").resize(new_size, Image.BICUBIC)
-    left = int(round((resized.width - size) / 2.0))
-    top = int(round((resized.height - size) / 2.0))
-    square = resized.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        scaled = square.astype(np.float32) / np.float32(255.0)
+    pixels = torch.from_numpy(scaled).permute(2, 0, 1)
     mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
     std = torch.tensor(OPENAI_STD).view(3, 1, 1)
     return (pixels - mean) / std
+
+
+# --- text -------------------------------------------------------------------------------------------------------
+
+def openai_clean(text: str) -> str:
+    """The text OpenAI's / open_clip's SimpleTokenizer feeds to BPE: ftfy.fix_text, html.unescape twice, strip;
+    whitespace runs (the `regex` module's \\s) to one space, strip; lower case."""
+    import ftfy
+    import regex
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+_RAW_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def raw_tokenizer(tokenizer):
+    """A copy of a tokenizers-backed CLIPTokenizer without its normaliser (NFC, whitespace, lower case), for text
+    that `openai_clean` already normalised the official way; the original is left as it is (it may be shared with
+    a scorer that tokenises with the plain HF rules). A tokenizer without a backend is returned as it is."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        return tokenizer
+    if tokenizer not in _RAW_TOKENIZERS:
+        raw = copy.deepcopy(tokenizer)
+        raw.backend_tokenizer.normalizer = None
+        _RAW_TOKENIZERS[tokenizer] = raw
+    return _RAW_TOKENIZERS[tokenizer]
+
+
+def tokenize(tokenizer, texts: list[str], *, clean: bool = False, truncation: str = "eot",
+             context: int = CONTEXT_LENGTH, padding: str | bool = True) -> dict[str, torch.Tensor]:
+    """{"input_ids", "attention_mask"} for a CLIP text tower. clean: the official open_clip / OpenAI cleaning
+    first (then no HF normaliser); truncation "eot": at most `context` tokens, the last one end-of-text;
+    "slice": tokenised whole, then ids and mask cut at `context` (torchmetrics' CLIPScore; a prompt longer than
+    that loses its end-of-text token)."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"unknown truncation {truncation!r}; known: {', '.join(TRUNCATIONS)}")
+    if clean:
+        texts, tokenizer = [openai_clean(t) for t in texts], raw_tokenizer(tokenizer)
+    if truncation == "eot":
+        tokens = tokenizer(texts, padding=padding, truncation=True, max_length=context, return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    tokens = tokenizer(texts, padding=padding, return_tensors="pt")
+    return {"input_ids": tokens["input_ids"][..., :context], "attention_mask": tokens["attention_mask"][..., :context]}
 
 
 # --- embeddings -------------------------------------------------------------------------------------------------
@@ -130,19 +219,21 @@ def projected_features(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_embeddings(clf: ColorClassifier, texts: list[str]) -> torch.Tensor:
-    """L2-normalised CLIP text embeddings [len(texts), D]."""
-    tokens = clf.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(clf.device)
-    features = projected_features(clf.model.get_text_features(input_ids=tokens["input_ids"],
-                                                     attention_mask=tokens["attention_mask"]))
+def text_embeddings(clf: ColorClassifier, texts: list[str], clean: bool = False, truncation: str = "eot") -> torch.Tensor:
+    """L2-normalised CLIP text embeddings [len(texts), D]; `clean` and `truncation` as in `tokenize`."""
+    context = int(clf.model.config.text_config.max_position_embeddings)
+    tokens = tokenize(clf.tokenizer, texts, clean=clean, truncation=truncation, context=context)
+    features = projected_features(clf.model.get_text_features(input_ids=tokens["input_ids"].to(clf.device),
+                                                     attention_mask=tokens["attention_mask"].to(clf.device)))
     return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
 @torch.no_grad()
-def image_embeddings(clf: ColorClassifier, crops: list[Image.Image], fp16_on_cuda: bool = True) -> torch.Tensor:
+def image_embeddings(clf: ColorClassifier, crops: list[Image.Image], fp16_on_cuda: bool = True,
+                     rule: str = TORCHVISION) -> torch.Tensor:
     """L2-normalised CLIP image embeddings [len(crops), D]; by default fp16 autocast on CUDA like GenEval's
-    amp=True (scorers whose reference runs in float32 pass fp16_on_cuda=False)."""
-    pixels = torch.stack([preprocess(c, clf.image_size) for c in crops]).to(clf.device)
+    amp=True (scorers whose reference runs in float32 pass fp16_on_cuda=False); `rule` as in `preprocess`."""
+    pixels = torch.stack([preprocess(c, clf.image_size, rule) for c in crops]).to(clf.device)
     with torch.autocast("cuda", dtype=torch.float16, enabled=fp16_on_cuda and str(clf.device).startswith("cuda")):
         features = projected_features(clf.model.get_image_features(pixel_values=pixels))
     return torch.nn.functional.normalize(features.float(), dim=-1)
@@ -153,7 +244,8 @@ def color_classifier(clf: ColorClassifier, classname: str) -> torch.Tensor:
     if classname not in clf.classifiers:
         columns = []
         for color in COLORS:
-            texts = [t.format(c=color, classname=classname) for t in COLOR_TEMPLATES]
+            # open_clip's tokenizer cleans the text (a no-op on these ASCII templates, kept for exactness)
+            texts = [openai_clean(t.format(c=color, classname=classname)) for t in COLOR_TEMPLATES]
             mean = text_embeddings(clf, texts).mean(dim=0)
             columns.append(mean / mean.norm())
         clf.classifiers[classname] = torch.stack(columns, dim=1)

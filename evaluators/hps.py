@@ -5,7 +5,8 @@ its prompt is the cosine of the two normalised embeddings (`hpsv2.score`), and t
 100 x that. Our records and metric use the table scale (100 x cos; SDXL base scores ~30.6 on v2.1).
 Image transform (open_clip's val transform with HPS's ResizeMaxSize): to a [0, 1] tensor, the longest side to
 224 (bicubic, antialiased), zero padding centred to 224 x 224, OpenAI CLIP mean / std. fp16 autocast on CUDA, as
-the reference scores under amp.
+the reference scores under amp. Text: open_clip's tokenizer, i.e. the OpenAI cleaning (ftfy, html.unescape,
+whitespace, lower case; evaluators.clip_colors.openai_clean) before BPE, 77 tokens with the end-of-text token kept.
 
 Weights: $HARNESS_HPS_CHECKPOINT = `HPS_v2.1_compressed.pt` from the HF repo xswu/HPSv2 (a dict whose
 'state_dict' holds open_clip names); the tokenizer is OpenAI CLIP's BPE (open_clip's ViT-H-14 uses it), read from
@@ -181,7 +182,9 @@ def preprocess(image: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
     height, width = pixels.shape[1:]
     scale = size / max(height, width)
     new_h, new_w = round(height * scale), round(width * scale)
-    pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+    if (new_h, new_w) != (height, width):     # ResizeMaxSize leaves an image whose longest side is `size` as it is
+        pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bicubic", align_corners=False,
+                               antialias=True)[0]
     pad_h, pad_w = size - new_h, size - new_w
     pixels = F.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
     mean = torch.tensor(clip_colors.OPENAI_MEAN).view(3, 1, 1)
@@ -197,18 +200,19 @@ def score_hps(samples: list[Sample]) -> dict[str, dict]:
     for i in range(0, len(samples), BATCH):
         part = samples[i:i + BATCH]
         pixels = torch.stack([preprocess(s.image, model.config.vision_config.image_size) for s in part]).to(device)
-        tokens = tokenizer([s.metadata["prompt"] for s in part], padding="max_length", truncation=True,
-                           max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
+        tokens = clip_colors.tokenize(tokenizer, [s.metadata["prompt"] for s in part], clean=True, truncation="eot",
+                                      context=model.config.text_config.max_position_embeddings, padding="max_length")
         with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             image = clip_colors.projected_features(model.get_image_features(pixel_values=pixels)).float()
-            text = clip_colors.projected_features(model.get_text_features(input_ids=tokens["input_ids"],
-                                                     attention_mask=tokens["attention_mask"])).float()
+            text = clip_colors.projected_features(model.get_text_features(
+                input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))).float()
         values.append(100.0 * (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1).cpu())
     return score_records(samples, torch.cat(values) if values else torch.zeros(0))
 
 
 HPSV21 = Evaluator(
-    name="hpsv21", version="1",          # no dot in the name: config overrides use dotted paths
+    name="hpsv21", version="2",          # no dot in the name: config overrides use dotted paths
+    # version 2: 16 vision heads of 80 (was 20 of 64), the open_clip text cleaning
     description="HPS v2.1: 100 x cos(prompt, image) with the preference-tuned OpenCLIP ViT-H-14 (the benchmark "
                 "tables' scale); mean over images.",
     score=score_hps, aggregate=mean_score_metric("hpsv21", "~20-35 (100 x cos)"), reward_field="score",

@@ -34,6 +34,7 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "dpg": "evaluators.dpg_judge:DPG",
         "pickscore": "evaluators.preference:PICKSCORE",
         "clipscore": "evaluators.preference:CLIPSCORE",
+        "clipscore-eot": "evaluators.preference:CLIPSCORE_EOT",
         "clipscore-hessel": "evaluators.preference:CLIPSCORE_HESSEL",
         "laion-aesthetic": "evaluators.preference:LAION_AESTHETIC",
         "imagereward": "evaluators.imagereward:IMAGEREWARD",

@@ -58,7 +58,8 @@ SHAPES_QUALITY_METRICS = ("stray_cell_fraction", "shape_fidelity", "background_c
 QUALITY_HEADERS = {"deqa": "DeQA", "imagereward": "ImgReward", "hpsv3": "HPSv3",
                    "unipercept_aesthetics": "UniPercept Aes.", "unipercept_quality": "UniPercept Qual.",
                    "unipercept_structure": "UniPercept Struct.", "hpsv21": "HPSv2.1", "pickscore": "PickScore",
-                   "clipscore": "CLIPScore", "clipscore_hessel": "CLIPScore (Hessel)", "laion_aesthetic": "LAION Aes."}
+                   "clipscore": "CLIPScore (torchmetrics)", "clipscore_eot": "CLIPScore (EOT kept)",
+                   "clipscore_hessel": "CLIPScore (Hessel)", "laion_aesthetic": "LAION Aes."}
 PREFERENCE_METRICS = ("hpsv21", "pickscore", "clipscore", "laion_aesthetic")
 
 TABLES = (

@@ -128,3 +128,17 @@ def test_hps_checkpoint_errors_are_named(tiny_clip_dir, tmp_path, monkeypatch):
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "y.pt")
     with pytest.raises(ValueError, match="not an open_clip checkpoint"):
         hps.load_hps(tmp_path / "y.pt", tiny_clip_dir)
+
+
+def test_hps_cleans_the_prompt_as_open_clips_tokenizer(hps_env):
+    """open_clip's SimpleTokenizer (hpsv2/src/open_clip/tokenizer.py) runs ftfy.fix_text and html.unescape before
+    BPE: full-width letters and the "ﬁ" ligature become plain letters, so the score equals the clean prompt's;
+    transformers' CLIPTokenizer alone would map them to unknown tokens."""
+    _, tokenizer = hps_env
+    image = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    score = lambda p: registry.get("evaluators", "hpsv21").score(
+        [Sample(key="00000/0000", metadata={"tag": "dense", "prompt": p}, image=image)])["00000/0000"]["score"]
+    messy, clean = "A ｒｅｄ ﬁsh &amp;  photo", "a red fish & photo"
+    assert clip_colors.openai_clean(messy) == clean
+    assert score(messy) == pytest.approx(score(clean), abs=1e-5)
+    assert tokenizer([messy])["input_ids"] != tokenizer([clean])["input_ids"]

@@ -27,17 +27,25 @@ def weights_env(tiny_clip_dir, tmp_path, monkeypatch):
 
 
 def samples(n: int = 3) -> list[Sample]:
+    """The first image is 53 x 48: resized to 35 x 32 for the tiny 32 px CLIP, where torchvision's crop offset
+    (round(1.5) = 2) and the HF processor's (3 // 2 = 1) differ."""
     rng = np.random.default_rng(0)
     prompts = ["a red photo", "a dog and a cat", "three green apples", "a photo of a red car"]
     return [Sample(key=f"{i:05d}/0000", metadata={"tag": "dense", "prompt": prompts[i % len(prompts)]},
-                   image=rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
+                   image=rng.integers(0, 256, ((53, 40, 48, 56)[i % 4], 48, 3), dtype=np.uint8)) for i in range(n)]
 
 
-def reference_logits(folder, texts: list[str], items: list[Sample]) -> tuple[torch.Tensor, float]:
-    """logit_scale.exp() * cos for matching (text, image) pairs, from CLIPModel.forward."""
+def reference_logits(folder, texts: list[str], items: list[Sample], rule: str = clip_colors.HF_PROCESSOR,
+                     slice_at: int | None = None) -> tuple[torch.Tensor, float]:
+    """logit_scale.exp() * cos for matching (text, image) pairs, from CLIPModel.forward; slice_at: the ids cut as
+    torchmetrics does (tokenised whole, then [..., :slice_at])."""
     clip = clip_colors.load_clip(folder)
-    tokens = clip.tokenizer(texts, padding=True, return_tensors="pt")
-    pixels = torch.stack([clip_colors.preprocess(p, clip.image_size) for p in preference._pictures(items)])
+    if slice_at is None:
+        tokens = clip.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    else:
+        tokens = clip.tokenizer(texts, padding=True, return_tensors="pt")
+        tokens = {k: tokens[k][..., :slice_at] for k in ("input_ids", "attention_mask")}
+    pixels = torch.stack([clip_colors.preprocess(p, clip.image_size, rule) for p in preference._pictures(items)])
     with torch.no_grad():
         out = clip.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
     return out.logits_per_image.diagonal(), clip.model.logit_scale.exp().item()
@@ -57,12 +65,65 @@ def test_pickscore_and_clipscore_match_clip_forward(weights_env, tiny_clip_dir):
 def test_clipscore_hessel_uses_the_caption_prefix_and_clamps_each_image(weights_env, tiny_clip_dir):
     items = samples(4)
     texts = ["A photo depicts " + s.metadata["prompt"] for s in items]
-    logits, scale = reference_logits(tiny_clip_dir, texts, items)
+    logits, scale = reference_logits(tiny_clip_dir, [clip_colors.openai_clean(t) for t in texts], items,
+                                     rule=clip_colors.TORCHVISION)
     cos = logits.numpy() / scale
     records = registry.get("evaluators", "clipscore-hessel").score(items)
     assert np.allclose([records[s.key]["score"] for s in items], 2.5 * np.maximum(cos, 0), atol=1e-4)
-    plain, _ = reference_logits(tiny_clip_dir, [s.metadata["prompt"] for s in items], items)
+    plain, _ = reference_logits(tiny_clip_dir, [s.metadata["prompt"] for s in items], items, rule=clip_colors.TORCHVISION)
     assert not np.allclose(plain.numpy() / scale, cos, atol=1e-4)      # the prefix reaches the text encoder
+
+
+# "ｒｅｄ" (full width) and "ﬁ" (ligature) are what ftfy's fix_text changes: the tiny vocabulary has only a-z, so
+# without the cleaning they become unknown tokens
+MESSY, CLEAN = "A ｒｅｄ ﬁsh  photo", "a red fish photo"
+
+
+def _one(prompt: str, image: np.ndarray) -> list[Sample]:
+    return [Sample(key="00000/0000", metadata={"tag": "dense", "prompt": prompt}, image=image)]
+
+
+def test_hessel_cleans_the_text_as_clip_tokenize_and_pickscore_clipscore_do_not(weights_env, tiny_clip_dir):
+    image = samples(1)[0].image
+    score = lambda name, prompt: registry.get("evaluators", name).score(_one(prompt, image))["00000/0000"]["score"]
+    assert clip_colors.openai_clean(MESSY) == CLEAN
+    assert score("clipscore-hessel", MESSY) == pytest.approx(score("clipscore-hessel", CLEAN), abs=1e-6)
+    for name in ("pickscore", "clipscore", "clipscore-eot"):      # the plain HF tokenizer, as PickScore / torchmetrics
+        logits, scale = reference_logits(tiny_clip_dir, [MESSY], _one(MESSY, image))
+        factor = scale if name == "pickscore" else 100.0
+        assert score(name, MESSY) == pytest.approx(float(logits[0]) / scale * factor, abs=1e-4)
+        assert abs(score(name, MESSY) - score(name, CLEAN)) > 1e-3
+
+
+LONG = "a red photo of " + " ".join(["red"] * 90)          # 94 tokens + BOS / EOS with the tiny vocabulary
+
+
+def test_clipscore_cuts_long_prompts_as_torchmetrics_and_clipscore_eot_keeps_the_end_token(weights_env, tiny_clip_dir):
+    """torchmetrics clip_score.py _get_features: the processor tokenises without truncation and the ids are cut to
+    max_position_embeddings, so a long prompt loses its end-of-text token and the text tower pools elsewhere."""
+    clip = clip_colors.load_clip(tiny_clip_dir)
+    ids = clip.tokenizer([LONG])["input_ids"][0]
+    assert len(ids) > 77 and ids[76] != clip.tokenizer.eos_token_id
+    items = _one(LONG, samples(1)[0].image)
+    sliced, scale = reference_logits(tiny_clip_dir, [LONG], items, slice_at=77)
+    kept, _ = reference_logits(tiny_clip_dir, [LONG], items)
+    parity = registry.get("evaluators", "clipscore").score(items)["00000/0000"]["score"]
+    corrected = registry.get("evaluators", "clipscore-eot").score(items)["00000/0000"]["score"]
+    assert parity == pytest.approx(100 * float(sliced[0]) / scale, abs=1e-4)
+    assert corrected == pytest.approx(100 * float(kept[0]) / scale, abs=1e-4)
+    assert abs(parity - corrected) > 1e-2
+    short = samples(2)
+    same = [registry.get("evaluators", n).score(short) for n in ("clipscore", "clipscore-eot")]
+    assert all(same[0][k]["score"] == pytest.approx(same[1][k]["score"], abs=1e-6) for k in same[0])
+
+
+def test_the_clipscore_labels_say_which_variant():
+    parity, corrected = registry.get("evaluators", "clipscore"), registry.get("evaluators", "clipscore-eot")
+    assert "torchmetrics" in parity.description and "77" in parity.description
+    assert "end-of-text" in corrected.description
+    assert corrected.aggregate([{"score": 3.0}])[0].name == "clipscore_eot" != parity.aggregate([{"score": 3.0}])[0].name
+    from leaderboards.leaderboard import QUALITY_HEADERS      # the column headers say the variant too
+    assert "torchmetrics" in QUALITY_HEADERS["clipscore"] and "EOT" in QUALITY_HEADERS["clipscore_eot"]
 
 
 def test_clipscore_metrics_clamp_where_their_references_do():
