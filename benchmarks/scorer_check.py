@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-SCORERS = ("deqa", "imagereward", "hpsv21", "pickscore", "clipscore", "clipscore-hessel", "laion-aesthetic", "hpsv3",
+SCORERS = ("deqa", "imagereward", "hpsv21", "pickscore", "clipscore", "clipscore-eot", "clipscore-hessel", "laion-aesthetic", "hpsv3",
            "unipercept-aesthetics", "unipercept-quality", "unipercept-structure")
 
 
