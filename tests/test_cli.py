@@ -116,7 +116,7 @@ def test_eval_a_run_folder_stores_every_step(tmp_path):
     assert "stray_cell_fraction" in result.output and "geneval_overall" not in result.output
 
 
-def test_unknown_names_give_did_you_mean_and_exit_2(tmp_path):
+def test_unknown_names_give_did_you_mean_and_exit_2(tmp_path, monkeypatch):
     result = invoke("eval", "--suite", "shapes-genevl", "--checkpoint", str(tmp_path / "x.safetensors"))
     assert result.exit_code == 2
     assert "Did you mean 'shapes-geneval'" in result.output and "Traceback" not in result.output
@@ -127,15 +127,18 @@ def test_unknown_names_give_did_you_mean_and_exit_2(tmp_path):
     assert result.exit_code == 2 and "exactly one of" in result.output
     result = invoke("data", "fetch", "genevl")
     assert result.exit_code == 2 and "Did you mean 'geneval'" in result.output
-    # an official suite whose evaluator backend is not installed stops before loading any model
+    # an official suite whose judge has no weights here stops before loading any model, naming what to fetch
+    monkeypatch.delenv("HARNESS_MPLUG_DIR", raising=False)
     result = invoke("eval", "--suite", "dpg", "--checkpoint", "x", "--backbone", "mmada")
-    assert result.exit_code == 2 and "evaluator 'dpg'" in result.output and "not available" in result.output
+    assert result.exit_code == 1 and "HARNESS_MPLUG_DIR" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_eval_all_skips_the_suites_that_cannot_run_here_and_says_why(tmp_path, monkeypatch):
     """On a real backbone without model files every suite is skipped with its reason and nothing starts;
     naming one of them instead fails on its reason."""
-    for var in ("HARNESS_GENEVAL_MODELS", "HARNESS_CLIP_DIR", "HARNESS_DEQA_DIR", "HARNESS_HPS_CHECKPOINT"):
+    for var in ("HARNESS_GENEVAL_MODELS", "HARNESS_CLIP_DIR", "HARNESS_DEQA_DIR", "HARNESS_HPS_CHECKPOINT",
+                "HARNESS_MPLUG_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HARNESS_DATA", str(tmp_path / "no-data"))
     result = invoke("eval", "--suite", "all", "--images", str(tmp_path), "--backbone", "mmada")
@@ -143,7 +146,7 @@ def test_eval_all_skips_the_suites_that_cannot_run_here_and_says_why(tmp_path, m
     skipped = [line.split(":")[0] for line in result.output.splitlines() if line.startswith("skipping suite")]
     assert skipped == ["skipping suite dpg", "skipping suite geneval", "skipping suite preference", "skipping suite quality"]
     assert "none of the suites of backbone 'mmada' can run here" in result.output
-    assert "DeQA" in result.output and "evaluator 'dpg'" in result.output
+    assert "DeQA" in result.output and "mPLUG" in result.output
     named = invoke("eval", "--suite", "quality", "--images", str(tmp_path), "--backbone", "mmada")
     assert named.exit_code == 1 and "skipping" not in named.output and "DeQA" in named.output
 

@@ -184,8 +184,8 @@ def test_baseline_update_round_trip(tmp_path, monkeypatch, capsys):
     fake_run = types.ModuleType("evaluators.run")
     fake_run.evaluate = fake_evaluate
     monkeypatch.setitem(sys.modules, "evaluators.run", fake_run)
-    monkeypatch.setitem(registry._ENTRIES["backbones"], "tiny", "builtins:str")   # "loads" the path as a string
-    monkeypatch.setattr(registry, "_LOADED", {})
+    # the backbone "loads" as its path: this test is about the baseline file, not the model
+    monkeypatch.setattr(registry, "_LOADED", {("backbones", "tiny"): lambda path=None, device="cpu": str(path)})
     kwargs = dict(store=tmp_path / "check.sqlite", out_root=tmp_path / "out", progress=False)
     assert cli_check("ckpt", path, **kwargs) == 1
     assert "DROP" in capsys.readouterr().out
