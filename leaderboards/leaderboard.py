@@ -64,7 +64,9 @@ PREFERENCE_METRICS = ("hpsv21", "pickscore", "clipscore", "laion_aesthetic")
 
 TABLES = (
     TableSpec("geneval", "GenEval", GENEVAL_COLUMNS, 2, note="accuracy 0-1; overall = mean of the six tags"),
-    TableSpec("dpg", "DPG-Bench", DPG_COLUMNS, 2, note="0-100, per L1 category"),
+    TableSpec("dpg", "DPG-Bench", DPG_COLUMNS, 2, note="0-100, per L1 category; per-category DPG numbers published from multi-process runs of the "
+              "official ELLA script are scrambled (hash-seed set order), so compare those at Overall only unless "
+              "they ran with PYTHONHASHSEED=0 (docs/benchmarks.md)"),
     TableSpec("quality", "Quality / preference", (), 2, preferred=QUALITY_METRICS,
               note="the paper computes these on DPG-Bench images"),
     TableSpec("preference", "Preference extras", (), 2, preferred=PREFERENCE_METRICS,

@@ -99,6 +99,8 @@ def test_golden_leaderboard_markdown(store):
     assert geneval[2][1:3] == ["SDXL", "–"] and geneval[2][-2] == "0.55"
     assert geneval[-1][1:3] == ["lumina-dimoo", "ht-grpo"] and geneval[-1][-2:] == ["0.92", "paper's own (not recorded)"]
     assert cells(md, "DPG-Bench")[5][1:3] == ["mmada", "base"] and cells(md, "DPG-Bench")[5][-2] == "70.51"
+    dpg_section = md[md.index("## DPG-Bench\n"):md.index("## Protocols")]   # a reader comparing categories is warned
+    assert "PYTHONHASHSEED=0" in dpg_section and "docs/benchmarks.md" in dpg_section
     # the scorers' metric names land in the paper's Table-3 columns, beside its reported rows
     quality_table = cells(md, "Quality / preference")
     header = quality_table[0]
