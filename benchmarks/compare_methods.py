@@ -1,6 +1,7 @@
 """The method comparison on the tiny default: every method x seed at equal compute, run in parallel
-processes, each final checkpoint scored on the shapes eval split (GenEval judgement + quality and
-diversity statistics). Writes one JSON per run and a summary under --out.
+processes, each final checkpoint scored on the shapes-geneval and shapes-quality suites through the one
+evaluation path (evaluators.run.evaluate_checkpoints, the protocol `harness eval` uses). Writes one JSON per
+run and a summary under --out; each run's folder holds its store and images.
 
     python benchmarks/compare_methods.py --out runs/compare --steps 60 --seeds 0 1 2 --device cpu --procs 2
 
@@ -11,9 +12,10 @@ per update differ (tracegrpo replays trace_groups passes) and are reported.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
 import multiprocessing as mp
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -21,33 +23,27 @@ from pathlib import Path
 METHODS = ["ht-grpo", "grpo", "maskgrpo", "tracegrpo", "diffu-grpo"]
 
 
-def eval_backbone(bb, seed: int = 1234, min_images_per_tag: int = 48, quality_images: int = 8) -> dict:
-    """shapes-geneval on the eval split (images per prompt raised so each tag has >= min images)
-    and shapes-quality (8 images per prompt, diversity) -- the same rules as the suites."""
-    import torch
-    from evaluators.base import Sample
-    from evaluators.shapes_suites import SHAPES_GENEVAL, SHAPES_QUALITY
-    from harness.sampling import SamplerConfig, generate
-    from harness.shapes.prompts import GENEVAL_TAGS, eval_prompts
-    metas = []
-    for tag in GENEVAL_TAGS:
-        ps = list(eval_prompts(tag))[:16]
-        per = max(4, math.ceil(min_images_per_tag / len(ps)))
-        metas += [m for m in ps for _ in range(per)]
-    qmetas = [m for tag in GENEVAL_TAGS for m in list(eval_prompts(tag))[:2] for _ in range(quality_images)]
-    out = {}
-    for name, ev, ms in (("shapes-geneval", SHAPES_GENEVAL, metas), ("shapes-quality", SHAPES_QUALITY, qmetas)):
-        r = generate(bb, [m["prompt"] for m in ms], SamplerConfig(), seed=seed, batch_size=256)
-        imgs = (bb.decode(r.codes) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        res = ev.evaluate([Sample(key=str(i), metadata=m, image=im) for i, (m, im) in enumerate(zip(ms, imgs))])
-        out.update({m.name: m.value for m in res.metrics})
-        out[f"{name}/n_images"] = len(ms)
-    return out
+EVAL_SUITES = ["shapes-geneval", "shapes-quality"]   # the suites' own protocol, as `harness eval` scores them
+
+
+def eval_checkpoint(source, out: Path, backbone=None, checkpoint_hash: str | None = None, device: str = "cpu") -> dict:
+    """Every metric of EVAL_SUITES on one checkpoint, through the one evaluation path (evaluate_checkpoints),
+    into a store of its own under `out` (jobs run in parallel processes). backbone: the model already holding
+    the checkpoint's weights."""
+    from evaluators.run import evaluate_checkpoints
+    from harness.store import ResultsStore
+    with ResultsStore(out / "store.sqlite") as store:
+        scores = evaluate_checkpoints(source, EVAL_SUITES, store, loaded=backbone, checkpoint_hash=checkpoint_hash,
+                                      out_root=out / "images", batch_size=256, device=device)
+    return {k: v for s in scores for k, v in s.metrics.items()}
 
 
 def run_one(job: dict) -> dict:
     import torch
     torch.set_num_threads(job["threads"])
+    from harness.config import dump_config
+    from harness.io import atomic_write_text
+    from harness.runs import RunDir
     from trainers.config import TrainConfig
     from trainers.loop import build_trainer, save_checkpoint, train_step
     label = job.get("label", job["method"])
@@ -77,15 +73,18 @@ def run_one(job: dict) -> dict:
             if job["max_seconds"] and time.time() - t0 > job["max_seconds"]:
                 break
         train_s = time.time() - t0
-        tr.backbone.module.eval()
-        with tr.averaged_weights():   # the EMA weights when optim.ema_decay > 0, as the checkpoints save them
-            scores = eval_backbone(tr.backbone)
+        run = RunDir(Path(job["out"]) / cfg.name)
+        atomic_write_text(run.config_path, dump_config(cfg))
+        ckpt = save_checkpoint(tr, run.path, len(log))   # the EMA weights when optim.ema_decay > 0
+        with tr.averaged_weights():
+            scores = eval_checkpoint(ckpt, run.path, tr.backbone)
         result = {"method": job["method"], "label": label, "seed": job["seed"], "steps_done": len(log), "steps_planned": cfg.steps,
                   "train_seconds": train_s, "config": cfg.model_dump(mode="json"), "curve": log, "eval": scores}
-        if tr.ema is not None:   # the same run's live weights, for a paired comparison
-            result["eval_live"] = eval_backbone(tr.backbone)
-        if job.get("save_checkpoint"):
-            save_checkpoint(tr, Path(job["out"]) / cfg.name, len(log))
+        if tr.ema is not None:   # the same run's live weights (not saved), for a paired comparison
+            live = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in tr.trainable().values()))
+            result["eval_live"] = eval_checkpoint(ckpt, run.path, tr.backbone, checkpoint_hash=live.hexdigest())
+        if not job.get("save_checkpoint"):
+            shutil.rmtree(ckpt)
     except Exception:
         result = {"method": job["method"], "label": label, "seed": job["seed"], "error": traceback.format_exc()}
     out_path.write_text(json.dumps(result))
@@ -126,9 +125,10 @@ def main():
     t0 = time.time()
     if a.base:
         import torch
-        from harness.backbones.tiny import load_tiny
+        from harness.backbones.tiny import DEFAULT_CHECKPOINT
         torch.set_num_threads(a.threads)
-        (Path(a.out) / "base.json").write_text(json.dumps({"method": "base", "eval": eval_backbone(load_tiny(device=a.device))}))
+        base = eval_checkpoint(DEFAULT_CHECKPOINT, Path(a.out) / "base", device=a.device)
+        (Path(a.out) / "base.json").write_text(json.dumps({"method": "base", "eval": base}))
     with mp.get_context("spawn").Pool(a.procs) as pool:
         results = pool.map(run_one, jobs, chunksize=1)
     summary = [{k: v for k, v in r.items() if k not in ("curve", "config")} for r in results]

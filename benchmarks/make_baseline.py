@@ -8,10 +8,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from evaluators.run import evaluate
-from evaluators.suites import load_suite
-from harness import provenance
-from harness.registry import get
+from evaluators.run import evaluate_checkpoints, weights_hash
 from harness.store import ResultsStore
 from leaderboards.check import baseline_from_frame, write_baseline
 
@@ -26,14 +23,12 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args()
-    backbone = get("backbones", a.backbone)(a.checkpoint)
     with tempfile.TemporaryDirectory() as tmp, ResultsStore(Path(tmp) / "store.sqlite") as store:
-        for suite in a.suites:
-            for seed in a.seeds:
-                evaluate(backbone, load_suite(suite), checkpoint_path=a.checkpoint, store=store, out_root=Path(tmp) / "img",
-                         batch_size=a.batch_size, progress=False, seed=seed)
+        for seed in a.seeds:
+            evaluate_checkpoints(a.checkpoint, a.suites, store, backbone=a.backbone, out_root=Path(tmp) / "img",
+                                 batch_size=a.batch_size, seed=seed)
         frame = store.latest_metrics()
-        baseline = baseline_from_frame(frame, provenance.checkpoint_hash(a.checkpoint), k=a.k,
+        baseline = baseline_from_frame(frame, weights_hash(a.checkpoint), k=a.k,
                                        floor={n: 2.0 for n in frame["name"] if str(n).startswith("dpg")})
     baseline["made_by"] = ("python benchmarks/make_baseline.py --checkpoint " + a.checkpoint + " --suites " + " ".join(a.suites)
                            + " --seeds " + " ".join(map(str, a.seeds)) + f" --k {a.k}")

@@ -40,7 +40,7 @@ from evaluators.suites import (Suite, SuitePrompt, index_stride, load_suite, pro
 from harness import provenance, registry, sampling
 from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, confined, sha256_file
 
-__all__ = ["evaluate", "evaluate_images_dir", "suites_for_backbone", "run_dir", "weights_hash", "resolve_evaluators"]
+__all__ = ["evaluate_checkpoints", "evaluate", "evaluate_images_dir", "suites_for_backbone", "run_dir", "weights_hash", "resolve_evaluators"]
 
 # progress(stage, done, total) with stage "generate" or "score"
 Progress = Callable[[str, int, int], None]
@@ -90,13 +90,11 @@ def image_source(suite: Suite, seed_override: int | None = None) -> Suite:
 
 
 def weights_hash(checkpoint_path: str | os.PathLike) -> str:
-    """Identity of a checkpoint: a folder holding model.safetensors (a run checkpoint) is identified by that
-    file alone, so the trainer state saved beside it does not split the image cache; otherwise
-    provenance.checkpoint_hash of the file or folder."""
-    path = Path(checkpoint_path)
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        return provenance.checkpoint_hash(path / "model.safetensors")
-    return provenance.checkpoint_hash(path)
+    """Identity of a checkpoint: a run checkpoint's (harness.runs.Checkpoint.identity: its weights, not the
+    trainer state beside them), otherwise provenance.checkpoint_hash of the file or folder."""
+    from harness.runs import checkpoint_of
+    ckpt = checkpoint_of(checkpoint_path)
+    return ckpt.identity() if ckpt is not None else provenance.checkpoint_hash(checkpoint_path)
 
 
 def resolve_evaluators(suite: Suite) -> list[Evaluator]:
@@ -114,6 +112,54 @@ def resolve_evaluators(suite: Suite) -> list[Evaluator]:
         if out[-1].check_ready is not None:
             out[-1].check_ready()
     return out
+
+
+@dataclass
+class CheckpointScores:
+    """One suite's metrics on one checkpoint, as evaluate_checkpoints returns them."""
+    checkpoint: str            # the path the evaluation is labelled with
+    step: int | None           # the training step of a run checkpoint
+    suite: str
+    suite_version: str
+    metrics: dict[str, float]
+
+
+def evaluate_checkpoints(source, suites, store, *, backbone: str = "tiny", out_root: str | os.PathLike = "results/images",
+                         batch_size: int = 32, device: str = "cpu", seed: int | None = None, loaded=None,
+                         checkpoint_hash: str | None = None, progress_for: Callable[[str], Progress | None] | None = None,
+                         on_scores: Callable[[CheckpointScores], None] | None = None) -> list[CheckpointScores]:
+    """The one evaluation path (harness eval, harness check, scoring during training, the method comparison):
+    every suite on every checkpoint `source` names, a run folder (each of its checkpoints), one run checkpoint, a
+    weights file / model folder, or a list of these (harness.runs.checkpoints_in).
+
+    Each checkpoint is loaded as harness.runs loads it (a LoRA checkpoint is its base + adapter), unless `loaded`
+    gives the backbone already holding its weights (the trainer's model; one checkpoint only; checkpoint_hash may
+    then name weights that are not on disk). Run checkpoints label their evaluations with the run, step, method
+    and train seed of the run's config. progress_for(label) gives each (suite, checkpoint)'s progress callback;
+    on_scores(result) is called as each one finishes."""
+    from harness.runs import Checkpoint, checkpoints_in, load_checkpoint_backbone
+    suites = [s if isinstance(s, Suite) else load_suite(s) for s in (suites if isinstance(suites, (list, tuple)) else [suites])]
+    targets = checkpoints_in(source)
+    if loaded is not None and len(targets) != 1:
+        raise ValueError(f"a loaded backbone holds one checkpoint's weights, but {len(targets)} checkpoints were given")
+    if checkpoint_hash is not None and loaded is None:
+        raise ValueError("checkpoint_hash names the weights of a loaded backbone; pass loaded= too")
+    results = []
+    for target in targets:
+        ckpt = target if isinstance(target, Checkpoint) else None
+        path = str(ckpt.path if ckpt else target)
+        bb = loaded if loaded is not None else load_checkpoint_backbone(backbone, path, device)
+        for s in suites:
+            metrics = evaluate(bb, s, checkpoint_path=path, store=store, out_root=out_root, batch_size=batch_size,
+                               progress=progress_for(f"{s.name} {Path(path).name}") if progress_for else None,
+                               checkpoint_hash=checkpoint_hash, seed=seed,
+                               run=str(ckpt.run.path) if ckpt else None, step=ckpt.step if ckpt else None,
+                               method=ckpt.run.method() if ckpt else None,
+                               train_seed=ckpt.run.train_seed() if ckpt else None)
+            results.append(CheckpointScores(path, ckpt.step if ckpt else None, s.name, s.version, metrics))
+            if on_scores is not None:
+                on_scores(results[-1])
+    return results
 
 
 def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike, store,

@@ -368,7 +368,7 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
       harness eval --suite geneval --images my_geneval_images/ --backbone mmada
       harness eval --suite quality --run runs/m --backbone mmada evaluators=[imagereward,hpsv3]
     """
-    from evaluators.run import evaluate, evaluate_images_dir, resolve_evaluators
+    from evaluators.run import evaluate_checkpoints, evaluate_images_dir, resolve_evaluators
     from evaluators.suites import load_suite, suite_prompts, suites_for_backbone
     from harness.store import ResultsStore
 
@@ -407,27 +407,18 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
                                               tile_size=resolution if s.layout == "dpg" else None)
                 _print_metrics(f"{s.name} v{s.version}: {images}", metrics)
             return
-        from harness.runs import RunDir, checkpoint_of
-        if run is not None:
-            found = RunDir(run).checkpoints(resumable=False)
-            if not found:
-                raise FileNotFoundError(f"run {run} has no checkpoints/step_*/ folders")
-        elif checkpoint and checkpoint_of(checkpoint) is not None:
-            found = [checkpoint_of(checkpoint)]     # one checkpoint of a run: keep its step, run and method
-        else:
-            found = []
-        targets = [(c.step, str(c.path), c.run) for c in found] or [(None, checkpoint, None)]
-        for step, path, run_of in targets:
-            if not path:
-                _fail("--checkpoint must name a weights file or folder (random weights are not evaluated)", 2)
-            bb = load_backbone(backbone, path, _device(device))
-            for s in suites:
-                metrics = evaluate(bb, s, checkpoint_path=path, store=results, out_root=out, batch_size=batch_size,
-                                   progress=_progress_callback(bar, f"{s.name} {Path(path).name}"),
-                                   run=str(run_of.path) if run_of else None, step=step,
-                                   method=run_of.method() if run_of else None,
-                                   train_seed=run_of.train_seed() if run_of else None)
-                _print_metrics(f"{s.name} v{s.version}: {path}", metrics)
+        from harness.runs import RunDir
+        if checkpoint == "":
+            _fail("--checkpoint must name a weights file or folder (random weights are not evaluated)", 2)
+        try:
+            registry.get("backbones", backbone)
+        except ImportError as e:
+            raise ImportError(f"backbone {backbone!r} is not available in this install ({e})") from None
+        evaluate_checkpoints(RunDir(run) if run is not None else checkpoint, suites, results, backbone=backbone,
+                             out_root=out, batch_size=batch_size, device=_device(device),
+                             progress_for=lambda label: _progress_callback(bar, label),
+                             on_scores=lambda r: _print_metrics(f"{r.suite} v{r.suite_version}: {r.checkpoint}",
+                                                                r.metrics))
 
 
 # --- data -------------------------------------------------------------------------------------------------------

@@ -19,7 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHECKPOINT_PREFIX = "step_"
-WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")
+MODEL_FILE, ADAPTER_FILE = "model.safetensors", "adapter.safetensors"
+WEIGHT_FILES = (MODEL_FILE, ADAPTER_FILE)
+TRAINER_STATE_FILE, CONFIG_FILE, LOG_LINE_FILE = "trainer_state.pt", "config.yaml", "metrics.json"
+
+
+def weights_file(folder: str | os.PathLike) -> Path:
+    """The weights of a checkpoint folder (a finished one or one being written): model.safetensors or
+    adapter.safetensors, an error naming both when neither is there."""
+    for name in WEIGHT_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise FileNotFoundError(f"checkpoint {folder} has neither {' nor '.join(WEIGHT_FILES)}")
 
 
 @dataclass(frozen=True)
@@ -32,27 +43,37 @@ class Checkpoint:
     @property
     def weights(self) -> Path:
         """model.safetensors (the whole model) or adapter.safetensors (LoRA on the run's base)."""
-        for name in WEIGHT_FILES:
-            if (self.path / name).is_file():
-                return self.path / name
-        raise FileNotFoundError(f"checkpoint {self.path} has neither {' nor '.join(WEIGHT_FILES)}")
+        return weights_file(self.path)
 
     @property
     def is_adapter(self) -> bool:
-        return self.weights.name == "adapter.safetensors"
+        return self.weights.name == ADAPTER_FILE
 
     @property
     def trainer_state(self) -> Path:
-        return self.path / "trainer_state.pt"
+        return self.path / TRAINER_STATE_FILE
 
     @property
     def log_line(self) -> Path:
-        return self.path / "metrics.json"
+        return self.path / LOG_LINE_FILE
+
+    def identity(self) -> str:
+        """The checkpoint's hash (the image cache key): its weights file alone, so deleting the trainer state to
+        save space keeps its images; an adapter is hashed with the base model it was trained on."""
+        import hashlib
+        import json
+        from harness import provenance
+        weights = provenance.checkpoint_hash(self.weights)
+        if not self.is_adapter:
+            return weights
+        trained = self.config().get("backbone") or {}
+        base = {k: trained.get(k) for k in ("name", "checkpoint", "options", "dtype")}
+        return hashlib.sha256(f"{weights}+{json.dumps(base, sort_keys=True)}".encode()).hexdigest()
 
     def config(self) -> dict:
         """The training config this checkpoint was saved with (its own copy; the run's may have more steps)."""
         from harness.config import read_yaml
-        path = self.path / "config.yaml"
+        path = self.path / CONFIG_FILE
         return read_yaml(path) if path.is_file() else self.run.config()
 
 
@@ -66,7 +87,7 @@ class RunDir:
     # --- files ---
     @property
     def config_path(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG_FILE
 
     @property
     def metrics_path(self) -> Path:
@@ -110,7 +131,7 @@ class RunDir:
         found = []
         for d in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*") if self.checkpoints_dir.is_dir() else []:
             step = d.name[len(CHECKPOINT_PREFIX):]
-            needed = ["trainer_state.pt"] if resumable else list(WEIGHT_FILES)
+            needed = [TRAINER_STATE_FILE] if resumable else list(WEIGHT_FILES)
             if d.is_dir() and step.isdigit() and any((d / n).is_file() for n in needed):
                 found.append(Checkpoint(self, int(step), d))
         return sorted(found, key=lambda c: c.step)
@@ -130,6 +151,26 @@ class RunDir:
             return None
         seed = self.config().get("seed", 0)
         return int(seed) if isinstance(seed, int) else None
+
+
+def checkpoints_in(source) -> list[Checkpoint | Path]:
+    """What `source` names, as a list: a run folder -> its scorable checkpoints by step (an error when it has
+    none), a run checkpoint (folder or its weights file) -> that Checkpoint, any other path -> the Path itself
+    (a weights file or model folder as its loader takes it); a list -> each, in order."""
+    if isinstance(source, (list, tuple)):
+        return [c for item in source for c in checkpoints_in(item)]
+    if isinstance(source, Checkpoint):
+        return [source]
+    if isinstance(source, RunDir) or (Path(source).is_dir() and (Path(source) / CONFIG_FILE).is_file()
+                                      and (Path(source) / "checkpoints").is_dir()):
+        run = source if isinstance(source, RunDir) else RunDir(source)
+        found = run.checkpoints(resumable=False)
+        if not found:
+            raise FileNotFoundError(f"run {run.path} has no {run.checkpoints_dir.name}/{CHECKPOINT_PREFIX}*/ "
+                                    f"folders with weights")
+        return list(found)
+    ckpt = checkpoint_of(source)
+    return [ckpt if ckpt is not None else Path(source)]
 
 
 def checkpoint_of(path: str | os.PathLike) -> Checkpoint | None:

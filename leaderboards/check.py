@@ -275,20 +275,21 @@ def cli_check(checkpoint: str | Path, baseline: str | Path, tolerance: float | N
     """Evaluate `checkpoint` on every suite of the baseline and compare. Returns 1 on any drop below
     baseline - tolerance (or a missing metric / changed suite version), else 0. With update, the
     baseline file is rewritten (atomically) with the measured values and 0 is returned."""
-    from evaluators.run import evaluate   # lazy: model code is only needed when a check actually runs
-    from harness.runs import load_checkpoint_backbone
+    from evaluators.run import evaluate_checkpoints, weights_hash   # lazy: model code only when a check runs
 
     baseline_path = Path(baseline)
     data = load_baseline(baseline_path)
     results = store if isinstance(store, ResultsStore) else ResultsStore(store)
     out_root = Path(out_root) if out_root is not None else Path("results") / "check"
     try:
-        backbone = load_checkpoint_backbone(data["backbone"], checkpoint)   # a LoRA run checkpoint: base + adapter
         measured, versions, better, stored_hash = {}, {}, {}, None
-        for suite in sorted(data["suites"]):
-            measured[suite] = evaluate(backbone, suite, checkpoint_path=checkpoint, store=results,
-                                       out_root=out_root, batch_size=batch_size, progress=progress)
-            version, better[suite], stored_hash = _stored_suite_info(results, suite, str(checkpoint))
+        suites = sorted(data["suites"])      # registry names or suite files, as the baseline names them
+        scores = evaluate_checkpoints(checkpoint, suites, results, backbone=data["backbone"],
+                                      out_root=out_root, batch_size=batch_size,
+                                      progress_for=(lambda label: True) if progress else None)
+        for suite, score in zip(suites, scores):
+            measured[suite] = score.metrics
+            version, better[suite], stored_hash = _stored_suite_info(results, score.suite, score.checkpoint)
             if version is not None:
                 versions[suite] = version
         rows, failed = compare(data, measured, tolerance=tolerance, versions=versions)
@@ -296,7 +297,7 @@ def cli_check(checkpoint: str | Path, baseline: str | Path, tolerance: float | N
         if update:
             ckpt_hash = stored_hash
             if ckpt_hash is None and Path(checkpoint).exists():
-                ckpt_hash = provenance_lib.checkpoint_hash(checkpoint)
+                ckpt_hash = weights_hash(checkpoint)
             new = updated_baseline(data, measured, versions, better, ckpt_hash,
                                    provenance_lib.collect(checkpoint=str(checkpoint)))
             write_baseline(baseline_path, new)

@@ -10,7 +10,6 @@ import types
 import numpy as np
 import pytest
 
-from harness import registry
 from harness.io import append_jsonl
 from harness.store import ResultsStore
 from leaderboards import check
@@ -171,23 +170,27 @@ def test_baseline_update_round_trip(tmp_path, monkeypatch, capsys):
     path = write_baseline(tmp_path / "baseline.json", baseline)
     assert load_baseline(path) == json.loads(json.dumps(baseline))
 
-    # fake model and evaluator: the check only needs the registry and evaluators.run.evaluate
+    # fake evaluation: the check only needs evaluators.run.evaluate_checkpoints
     measured = {"shape_fidelity": 0.80, "stray_cell_fraction": 0.1}
     suite_version = {"shapes-quality": "1"}
 
-    def fake_evaluate(backbone, suite, *, checkpoint_path, store, out_root, batch_size, progress):
-        eid = store.begin_evaluation(suite, suite_version[suite], str(checkpoint_path), 0, PROTOCOL,
-                                     checkpoint_hash="new", backbone="tiny", provenance={})
-        store.set_metrics(eid, suite, [metric("shape_fidelity", measured["shape_fidelity"]),
-                                       metric("stray_cell_fraction", measured["stray_cell_fraction"], False)])
-        store.finish_evaluation(eid)
-        return dict(measured)
+    from evaluators.run import CheckpointScores
+
+    def fake_evaluate_checkpoints(source, suites, store, **_):   # this test is about the baseline file, not a model
+        out = []
+        for suite in suites:
+            eid = store.begin_evaluation(suite, suite_version[suite], str(source), 0, PROTOCOL,
+                                         checkpoint_hash="new", backbone="tiny", provenance={})
+            store.set_metrics(eid, suite, [metric("shape_fidelity", measured["shape_fidelity"]),
+                                           metric("stray_cell_fraction", measured["stray_cell_fraction"], False)])
+            store.finish_evaluation(eid)
+            out.append(CheckpointScores(str(source), None, suite, suite_version[suite], dict(measured)))
+        return out
 
     fake_run = types.ModuleType("evaluators.run")
-    fake_run.evaluate = fake_evaluate
+    fake_run.evaluate_checkpoints = fake_evaluate_checkpoints
+    fake_run.weights_hash = lambda path: "new"
     monkeypatch.setitem(sys.modules, "evaluators.run", fake_run)
-    # the backbone "loads" as its path: this test is about the baseline file, not the model
-    monkeypatch.setattr(registry, "_LOADED", {("backbones", "tiny"): lambda path=None, device="cpu": str(path)})
     kwargs = dict(store=tmp_path / "check.sqlite", out_root=tmp_path / "out", progress=False)
     assert cli_check("ckpt", path, **kwargs) == 1
     assert "DROP" in capsys.readouterr().out

@@ -174,3 +174,28 @@ def test_scoring_during_training_and_eval_of_the_run_draw_and_score_once(run, tm
     assert [p.stat().st_mtime_ns for p in images] == stamps
     with ResultsStore(store, readonly=True) as s:
         assert s.conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 1
+
+
+def test_the_method_comparison_scores_with_the_protocol_of_harness_eval(run, tmp_path, monkeypatch):
+    """benchmarks/compare_methods.py goes through evaluate_checkpoints: its number for a checkpoint is the number
+    `harness eval` gives that checkpoint (once three protocols gave the base 0.53, 0.555 and 0.52)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("compare_methods", Path(__file__).parent.parent / "benchmarks" / "compare_methods.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    monkeypatch.setattr(compare, "EVAL_SUITES", [str(run / "suite.yaml")])
+    job = dict(out=str(tmp_path), method="grpo", seed=5, steps=1, prompts=2, group=2, lr=1e-4, beta=0.01,
+               device="cpu", threads=1, max_seconds=0, rollout_dtype="float32", save_checkpoint=True,
+               method_options={"inner_iterations": 1, "sampler": {"steps": 4}})
+    result = compare.run_one(job)
+    assert "error" not in result, result.get("error")
+    [ckpt] = RunDir(tmp_path / "grpo_seed5").checkpoints(resumable=False)
+    assert ckpt.run.method() == "grpo" and ckpt.run.train_seed() == 5
+    store = tmp_path / "eval.sqlite"
+    out = harness("eval", "--suite", run / "suite.yaml", "--checkpoint", ckpt.path, "--store", store,
+                  "--out", tmp_path / "images", "--device", "cpu")
+    assert out.exit_code == 0, out.output
+    with ResultsStore(store, readonly=True) as s:
+        frame = s.latest_metrics()
+    assert dict(zip(frame["name"], frame["value"])) == result["eval"] and result["eval"]

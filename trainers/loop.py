@@ -31,7 +31,8 @@ from harness.backbones.base import PromptBatch, mask_prompt_tokens, token_logpro
 from harness.checkpoint import load_weights
 from harness.config import apply_overrides, dump_config, load_config, read_yaml, validate
 from harness.io import append_jsonl, atomic_write_text, read_jsonl, sha256_file
-from harness.runs import RunDir
+from harness.runs import (ADAPTER_FILE, CONFIG_FILE, LOG_LINE_FILE, MODEL_FILE, TRAINER_STATE_FILE, RunDir,
+                          weights_file)
 from harness.sampling import Rollout, sampler_config, generate
 from harness.shapes.prompts import sample_metadata
 from trainers.config import TrainConfig
@@ -399,20 +400,19 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None
     meta = {"backbone": tr.cfg.backbone.name, "step": str(step), "method": tr.cfg.method.name, "run": str(run_dir)}
     with tr.averaged_weights():   # with EMA the saved model is the average; the live weights go in the state
         if tr.cfg.backbone.name == "tiny" and tr.cfg.backbone.lora is None:
-            tr.backbone.save(tmp / "model.safetensors", {"step": step, "method": tr.cfg.method.name,
+            tr.backbone.save(tmp / MODEL_FILE, {"step": step, "method": tr.cfg.method.name,
                                                          **({"ema_decay": tr.cfg.optim.ema_decay} if tr.ema else {})})
         else:   # the adapter writes its LoRA settings beside the weights so load_mmada(dir, lora=file) can rebuild it
-            tr.backbone.save(tmp / "adapter.safetensors", meta)
-    weights_file = tmp / ("model.safetensors" if (tmp / "model.safetensors").exists() else "adapter.safetensors")
-    state = {"format": TRAINER_STATE_FORMAT, "step": step, "weights_sha256": sha256_file(weights_file),
+            tr.backbone.save(tmp / ADAPTER_FILE, meta)
+    state = {"format": TRAINER_STATE_FORMAT, "step": step, "weights_sha256": sha256_file(weights_file(tmp)),
              "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
              **rng_state()}
     if tr.ema is not None:
         state["live_weights"] = {n: p.detach().clone() for n, p in tr.trainable().items()}
-    torch.save(state, tmp / "trainer_state.pt")   # plain containers of tensors and numbers: loads with weights_only
-    atomic_write_text(tmp / "config.yaml", dump_config(tr.cfg))
+    torch.save(state, tmp / TRAINER_STATE_FILE)   # plain containers of tensors and numbers: loads with weights_only
+    atomic_write_text(tmp / CONFIG_FILE, dump_config(tr.cfg))
     if log_line is not None:
-        atomic_write_text(tmp / "metrics.json", json.dumps(log_line, sort_keys=True))
+        atomic_write_text(tmp / LOG_LINE_FILE, json.dumps(log_line, sort_keys=True))
     for f in tmp.iterdir():   # flush file contents before the rename makes the directory visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -473,21 +473,18 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
-    state = read_trainer_state(ckpt / "trainer_state.pt")
-    weights_file = ckpt / ("model.safetensors" if (ckpt / "model.safetensors").exists() else "adapter.safetensors")
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} has neither model.safetensors nor adapter.safetensors")
+    state = read_trainer_state(ckpt / TRAINER_STATE_FILE)
+    weights_path = weights_file(ckpt)
     expected = state.get("weights_sha256")
-    if expected is not None and sha256_file(weights_file) != expected:
-        raise ValueError(f"{weights_file} is not the file this checkpoint's optimizer state was saved with (sha256 "
-                         f"differs from trainer_state.pt's); restore the original file or resume from another "
+    if expected is not None and sha256_file(weights_path) != expected:
+        raise ValueError(f"{weights_path} is not the file this checkpoint's optimizer state was saved with (sha256 "
+                         f"differs from {TRAINER_STATE_FILE}'s); restore the original file or resume from another "
                          f"checkpoint")
-    if weights_file.name == "model.safetensors":
-        weights, _ = load_weights(ckpt / "model.safetensors")
+    weights, _ = load_weights(weights_path)
+    if weights_path.name == MODEL_FILE:
         tr.backbone.module.load_state_dict(weights)
     else:
         from peft import set_peft_model_state_dict
-        weights, _ = load_weights(ckpt / "adapter.safetensors")
         set_peft_model_state_dict(tr.backbone.module, weights)
     if tr.ema is not None:   # the weights file held the average; the live weights are in the state
         if "live_weights" not in state:
@@ -505,20 +502,17 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
     return int(state["step"])
 
 
-def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path, step: int) -> dict[str, float]:
+def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path) -> dict[str, float]:
     """Score a saved checkpoint with the configured suite into the results store."""
     suite = tr.cfg.checkpoint.eval_suite
     if not suite:
         return {}
-    from evaluators.run import evaluate
-    from evaluators.suites import load_suite
+    from evaluators.run import evaluate_checkpoints
     from harness.store import ResultsStore
-    with ResultsStore(tr.cfg.checkpoint.eval_store) as store, tr.averaged_weights():
-        metrics = evaluate(tr.backbone, load_suite(suite), checkpoint_path=ckpt, store=store,
-                           out_root=RunDir(run_dir).eval_images,
-                           batch_size=tr.cfg.rollout.batch_size, progress=False,
-                           run=str(run_dir), method=tr.cfg.method.name, step=step, train_seed=tr.cfg.seed)
-    return {f"eval/{suite}/{k}": v for k, v in metrics.items()}
+    with ResultsStore(tr.cfg.checkpoint.eval_store) as store, tr.averaged_weights():   # the weights ckpt holds
+        [scores] = evaluate_checkpoints(ckpt, suite, store, backbone=tr.backbone.name, loaded=tr.backbone,
+                                        out_root=RunDir(run_dir).eval_images, batch_size=tr.cfg.rollout.batch_size)
+    return {f"eval/{suite}/{k}": v for k, v in scores.metrics.items()}
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -544,9 +538,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         # drop log lines of steps after the checkpoint (a kill -9 can leave them); they will be redone
         kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start] if metrics_path.exists() else []
         # a kill between the checkpoint and its log line: restore the line from the checkpoint, re-score it
-        if ckpts and start and not any(r.get("step") == start for r in kept) and (ckpts[-1] / "metrics.json").exists():
-            line = json.loads((ckpts[-1] / "metrics.json").read_text())
-            line.update(score_checkpoint(tr, run_dir, ckpts[-1], start))
+        if ckpts and start and not any(r.get("step") == start for r in kept) and (ckpts[-1] / LOG_LINE_FILE).exists():
+            line = json.loads((ckpts[-1] / LOG_LINE_FILE).read_text())
+            line.update(score_checkpoint(tr, run_dir, ckpts[-1]))
             kept.append(line)
             restored = line
         if metrics_path.exists() or kept:
@@ -570,7 +564,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         done = step + 1
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
             ckpt = save_checkpoint(tr, run_dir, done, log_line=m)
-            m.update(score_checkpoint(tr, run_dir, ckpt, done))
+            m.update(score_checkpoint(tr, run_dir, ckpt))
         append_jsonl(metrics_path, m)
         if writer is not None:
             write_scalars(writer, m, done)

@@ -207,8 +207,9 @@ def load_tiny(checkpoint: str | Path | None = None, device: str = "cpu", **overr
     if checkpoint == "":
         return _to(TinyBackbone(TinyConfig(**overrides)), device)
     path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    if path.is_dir():   # a run checkpoint folder (runs/NAME/checkpoints/step_000010/)
-        path = path / "model.safetensors"
+    if path.is_dir():   # a run checkpoint folder: its weights file (harness.runs knows the layout)
+        from harness.runs import weights_file
+        path = weights_file(path)
     state, meta = load_weights(path)
     if meta.get("backbone") != "tiny":
         raise ValueError(f"{path} is a {meta.get('backbone')!r} checkpoint, not a tiny one")
