@@ -480,7 +480,7 @@ def leaderboard_cmd(store: Optional[Path] = typer.Option(None, help="results sto
     """
     if fmt not in ("md", "html"):
         _fail(f"--format must be md or html, not {fmt!r}", 2)
-    cli_leaderboard = _lazy("leaderboards.leaderboard", "cli_leaderboard", "the leaderboard")
+    cli_leaderboard = _lazy("leaderboards.publish", "cli_leaderboard", "the leaderboard")
     code = cli_leaderboard(store=store, out=out, fmt=fmt)
     raise typer.Exit(code if isinstance(code, int) else 0)
 
@@ -499,6 +499,62 @@ def check_cmd(checkpoint: Path = typer.Option(..., help="checkpoint to check"),
     cli_check = _lazy("leaderboards.check", "cli_check", "the regression check")
     code = cli_check(checkpoint=checkpoint, baseline=baseline, tolerance=tolerance, update=update)
     raise typer.Exit(int(code or 0))
+
+
+# --- env: pinned virtualenvs for official stacks (harness/envs.py) ---------------------------------------------
+
+env_app = typer.Typer(help="Pinned virtualenvs for official stacks that run as worker processes (harness/envs.py).",
+                      no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(env_app, name="env")
+
+
+@env_app.command("ls")
+@clean_errors
+def env_ls_cmd():
+    """List the environments: name, built / not built / stale (its recipe changed), path, what it holds.
+
+    Example: harness env ls
+    """
+    from harness import envs
+    typer.echo(f"environments under {envs.root()} (${envs.ROOT_ENV}):")
+    for row in envs.listing():
+        typer.echo(f"  {row['name']:<22} {row['state']:<10} {row['path']}")
+        typer.echo(f"  {'':<22} {row['description']}" + (f" ({row['size']})" if row['size'] else ""))
+
+
+@env_app.command("build")
+@clean_errors
+def env_build_cmd(names: Optional[list[str]] = typer.Argument(None, help="environment names (see harness env ls)"),
+                  all_envs: bool = typer.Option(False, "--all", help="build every environment"),
+                  force: bool = typer.Option(False, help="rebuild even when the built one is current")):
+    """Build (or reuse) pinned environments; a current one (same recipe hash) is kept as it is.
+
+    \b
+    Examples:
+      harness env build dpg-official
+      harness env build --all
+    """
+    from harness import envs
+    if bool(names) == all_envs:
+        raise UsageError("give environment names or --all (see `harness env ls`)")
+    chosen = sorted(envs.RECIPES) if all_envs else list(dict.fromkeys(names))
+    for name in chosen:
+        envs.recipe(name)                # unknown names fail before anything is built
+    for name in chosen:
+        envs.build(name, force=force, say=lambda line: typer.echo(line, err=True))
+        typer.echo(envs.env_dir(name))
+
+
+@env_app.command("path")
+@clean_errors
+def env_path_cmd(name: str = typer.Argument(..., help="environment name")):
+    """Print the folder of a built, current environment (its python is PATH/bin/python).
+
+    Example: harness env path dpg-official
+    """
+    from harness import envs
+    envs.require(name)
+    typer.echo(envs.env_dir(name))
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ short hash of the full protocol, so two rows never look comparable when they are
 
 Seeds. The seed in "mean ± std" is the TRAINING seed: runs of one method that differ only in their
 seed share a row. It is read from provenance["train_seed"] (or provenance["training_seed"]),
-else from the run directory's name ("seed3", "seed_3", "seed-3", "seed=3" in its last component
-that has one). A checkpoint whose training seed cannot be found counts as its own replicate
+else from the run folder's config.yaml if the folder is there (never from the folder's name).
+A checkpoint whose training seed cannot be found counts as its own replicate
 (keyed by checkpoint_hash). Evaluations of one checkpoint with several evaluation seeds are one
 model: they are averaged first, then mean and sample std (ddof=1) are taken over training seeds.
 The n column counts training-seed replicates; "± std" is shown only where n >= 2.
@@ -33,8 +33,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.io import atomic_write_text
-from harness.store import ResultsStore, default_store_path
 from leaderboards.paper_rows import DPG_METRICS, GENEVAL_METRICS, PAPER, QUALITY_METRICS, reported_rows
 
 MISSING = "–"  # an empty cell
@@ -80,7 +78,6 @@ REPORTED_TABLES = ("geneval", "dpg", "quality")   # tables that get the paper's 
 ID_COLUMNS = ("Source", "Backbone", "Method", "Checkpoint", "n", "Seeds")   # then the metrics, then "Protocol"
 TEXT_COLUMNS = ("Source", "Backbone", "Method", "Checkpoint", "Seeds", "Protocol", "Suite", "Full protocol")
 
-_SEED_IN_NAME = re.compile(r"(?:^|[^a-z0-9])seed[-_=]?(\d+)(?![0-9])", re.IGNORECASE)
 
 
 # ---- row identity ---------------------------------------------------------------------------------
@@ -99,16 +96,19 @@ def table_key(suite: str) -> str:
 
 
 def training_seed(run: str | None, provenance: dict | None) -> int | None:
-    """The training seed: provenance["train_seed"] / ["training_seed"], else "seedN" in the run name."""
+    """The training seed: provenance["train_seed"] / ["training_seed"] (evaluations record it from the run's
+    config), else the config of the run folder if it is still there (harness.runs reads it); never the folder's
+    name, which says what its author typed, not what the run used."""
     provenance = provenance or {}
     for key in ("train_seed", "training_seed"):
         if provenance.get(key) is not None:
             return int(provenance[key])
     if run:
-        for part in reversed(Path(str(run)).parts):
-            match = _SEED_IN_NAME.search(part)
-            if match:
-                return int(match.group(1))
+        from harness.runs import RunDir
+        try:
+            return RunDir(run).train_seed()
+        except (OSError, ValueError):
+            return None
     return None
 
 
@@ -357,38 +357,3 @@ def render_markdown(tables: dict[str, pd.DataFrame], title: str = "Leaderboard")
             parts.append(f"_{note}_")
         parts += ["", markdown_table(table), ""]
     return "\n".join(parts)
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-
-def open_store(store: ResultsStore | str | Path | None) -> tuple[ResultsStore, bool]:
-    """(store, opened_here). A path that does not exist is an error, not a new empty store."""
-    if isinstance(store, ResultsStore):
-        return store, False
-    path = Path(store) if store is not None else default_store_path()
-    if not path.exists():
-        raise FileNotFoundError(f"results store {path} does not exist; pass --store PATH or set $HARNESS_STORE "
-                                "to the store your evaluations wrote")
-    return ResultsStore(path, readonly=True), True
-
-
-def cli_leaderboard(store: ResultsStore | str | Path | None = None, out: str | Path | None = None,
-                    fmt: str = "md") -> str:
-    """Write the leaderboard (fmt "md" or "html") atomically; print and return the path written.
-    Default out: leaderboard.<fmt> beside the store file."""
-    if fmt not in ("md", "html"):
-        raise ValueError(f"leaderboard format must be 'md' or 'html', not {fmt!r}")
-    results, opened = open_store(store)
-    try:
-        if fmt == "md":
-            text = render_markdown(build_tables(results.latest_metrics()))
-        else:
-            from leaderboards.report import build_report
-            text = build_report(results)
-        path = Path(out) if out is not None else results.path.parent / f"leaderboard.{fmt}"
-    finally:
-        if opened:
-            results.close()
-    atomic_write_text(path, text)
-    print(path)
-    return str(path)

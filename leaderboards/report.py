@@ -37,6 +37,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.io import read_jsonl
+from harness.runs import RunDir
+from leaderboards.gain import FULL_RESULT, Gain, gains_over_base
 from harness.store import ResultsStore
 from leaderboards.leaderboard import (PAPER, SPECS, TEXT_COLUMNS, build_tables, checkpoint_label, protocol_id,
                                       protocol_label, step_or_none, table_title, text_or_none)
@@ -160,9 +162,10 @@ def thumbnail_png(path: Path, max_side: int = 256) -> str:
 
 # ---- finding runs and images --------------------------------------------------------------------------
 
-def resolve_run_dir(run: str, store_dir: Path) -> Path | None:
-    for candidate in (Path(run), store_dir / run):
-        if (candidate / "metrics.jsonl").is_file():
+def resolve_run_dir(run: str, store_dir: Path) -> RunDir | None:
+    """The run folder of a stored run path: as stored, or relative to the store's folder."""
+    for candidate in (RunDir(run), RunDir(store_dir / run)):
+        if candidate.metrics_path.is_file():
             return candidate
     return None
 
@@ -354,10 +357,13 @@ def grid_html(grid: ImageGrid) -> str:
 
 
 def build_report(store: ResultsStore, frame: pd.DataFrame | None = None, *, max_prompts: int = 4,
-                 max_checkpoints: int = 6, title: str = "Harness report") -> str:
-    """The whole report as one HTML string (frame defaults to store.latest_metrics())."""
+                 max_checkpoints: int = 6, title: str = "Harness report", gains: list[Gain] | None = None) -> str:
+    """The whole report as one HTML string (frame defaults to store.latest_metrics(), gains to
+    gains_over_base(store, frame))."""
     if frame is None:
         frame = store.latest_metrics()
+    if gains is None:
+        gains = gains_over_base(store, frame)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tables = build_tables(frame)
     measured_keys = [k for k, t in tables.items() if k != "protocols" and (t["Source"] == "measured").any()]
@@ -384,6 +390,13 @@ def build_report(store: ResultsStore, frame: pd.DataFrame | None = None, *, max_
             parts += _table_section(key, tables[key])
         parts.append("</details>")
 
+    if gains:
+        parts.append('<h2 id="gains">Gain over the base model</h2>')
+        parts.append('<p class="note">Paired over the same prompts and image seeds; ± is the evaluation\'s own standard '
+                     "error of the gain. A gain under twice it is noise, not an improvement. A few training steps on "
+                     f"the tiny default move the score by about that much; the result to compare with is "
+                     f"{html.escape(FULL_RESULT)}.</p>")
+        parts.append("<ul>" + "".join(f"<li>{html.escape(g.line())}</li>" for g in gains) + "</ul>")
     parts.append('<h2 id="curves">Training curves</h2>')
     run_names = sorted({text_or_none(r) for r in frame["run"]} - {None}) if not frame.empty else []
     methods = {}
@@ -396,7 +409,7 @@ def build_report(store: ResultsStore, frame: pd.DataFrame | None = None, *, max_
         if run_dir is None:
             missing_runs.append(run)
         else:
-            runs[run] = read_jsonl(run_dir / "metrics.jsonl")
+            runs[run] = read_jsonl(run_dir.metrics_path)
     b64 = training_curves_png(runs, methods) if runs else None
     if b64:
         parts.append('<p class="note">Colour = method, line style = run; faint lines are raw values, solid lines '

@@ -193,7 +193,7 @@ def test_thin_commands_pass_their_arguments(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{attr: record}))
 
     fake("trainers.loop", "cli_train", 0)
-    fake("leaderboards.leaderboard", "cli_leaderboard", 0)
+    fake("leaderboards.publish", "cli_leaderboard", 0)
     fake("leaderboards.check", "cli_check", 1)
     result = invoke("train", "--config", "c.yaml", "--steps", "5", "trainer.lr=0.1", "seed=3")
     assert result.exit_code == 0, result.output

@@ -15,7 +15,8 @@ from harness.store import ResultsStore
 from leaderboards import check
 from leaderboards.check import (baseline_from_frame, cli_check, compare, load_baseline, tolerances_from_spread,
                                 write_baseline)
-from leaderboards.leaderboard import build_tables, cli_leaderboard, protocol_id, render_markdown, training_seed
+from leaderboards.leaderboard import build_tables, protocol_id, render_markdown, training_seed
+from leaderboards.publish import cli_leaderboard
 from leaderboards.report import build_report
 
 PROTOCOL = {"sampler": {"steps": 12, "cfg": 2.0}, "resolution": 64, "images_per_prompt": 4}
@@ -33,7 +34,7 @@ def add_eval(store, suite, metrics, *, method="ht-grpo", seed=1, step=100, eval_
     eid = store.begin_evaluation(suite, "1", checkpoint, eval_seed, protocol,
                                  checkpoint_hash=f"{method}-{seed}-{step}" if run else "base", backbone="tiny",
                                  method=method if run else None, run=run_dir, step=step if run else None,
-                                 provenance=provenance or {})
+                                 provenance=provenance or ({"train_seed": seed} if run else {}))   # as evaluate() records it
     store.set_metrics(eid, suite, metrics)
     if finish:
         store.finish_evaluation(eid)
@@ -115,11 +116,14 @@ def test_golden_leaderboard_markdown(store):
     assert "reported (Tab. 3)" in md and "## Protocols" in md and '"steps": 24' in md
 
 
-def test_training_seed_sources():
-    assert training_seed("runs/htgrpo_seed3", {}) == 3
-    assert training_seed("runs/exp-seed_12/sub", None) == 12
+def test_training_seed_sources(tmp_path):
     assert training_seed("runs/a", {"train_seed": 7}) == 7
     assert training_seed("runs/seedless", {}) is None
+    run = tmp_path / "htgrpo_seed3"             # the name says 3, the run's config says 11: the config wins
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 11\n")
+    assert training_seed(str(run), {}) == 11
+    assert training_seed(str(tmp_path / "exp-seed_12"), None) is None   # a name alone is not a seed
 
 
 def test_cli_leaderboard_writes_file(store, tmp_path, capsys):
@@ -233,3 +237,27 @@ def test_html_report(store, tmp_path):
     assert "no metrics.jsonl found for run runs/grpo-seed1" in text
     grid = text.split("eval seed 7", 1)[1].split("<h3>")[0]   # the grid of steps 100 and 200 has an image
     assert "data:image/png;base64," in grid and "no images found" not in grid
+
+
+def test_paired_gain_on_a_hand_built_case(tmp_path):
+    """Two tags; base and checkpoint judged on the same four images of each. Tag a: differences (1, 1, 0, 0) ->
+    mean 0.5, var 1/3; tag b: (0, 0, 0, -1) -> mean -0.25, var 1/4. gain = (0.5 - 0.25) / 2 = 0.125,
+    s.e. = sqrt(1/3 / 4 + 1/4 / 4) / 2."""
+    from leaderboards.gain import gains_over_base, paired_gain
+    base = {"a": [0, 0, 1, 0], "b": [1, 1, 0, 1]}
+    ckpt = {"a": [1, 1, 1, 0], "b": [1, 1, 0, 0]}
+    with ResultsStore(tmp_path / "s.sqlite") as store:
+        ids = []
+        for judged, run in ((base, False), (ckpt, True)):
+            records = {f"{tag}/{i}.png": {"tag": tag, "correct": bool(c)} for tag, cs in judged.items()
+                       for i, c in enumerate(cs)}
+            overall = sum(sum(cs) / len(cs) for cs in judged.values()) / 2
+            eid = add_eval(store, "shapes-geneval", [metric("geneval_overall", overall)], run=run, finish=False)
+            store.add_records(eid, "shapes-geneval", records)
+            store.finish_evaluation(eid)
+            ids.append(eid)
+        gain, stderr, n = paired_gain(store, ids[0], ids[1], "shapes-geneval")
+        assert n == 8 and gain == pytest.approx(0.125)
+        assert stderr == pytest.approx(((1 / 3) / 4 + (1 / 4) / 4) ** 0.5 / 2)
+        [g] = gains_over_base(store)
+        assert g.gain == pytest.approx(g.value - g.base) and not g.significant

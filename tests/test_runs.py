@@ -92,6 +92,16 @@ def test_eval_of_a_run_records_the_seed_of_its_config_and_the_report_shows_its_i
         grids, without = image_grids(s, frame)
     assert grids and not without, without
     assert grids[0].columns[0] != grids[0].columns[-1] and len(grids[0].columns) == 2   # base, then step 1
+    # the gain over the base is the paired difference of the same images' judgements, with its error bar
+    from leaderboards.gain import gains_over_base
+    with ResultsStore(store, readonly=True) as s:
+        [gain] = gains_over_base(s)
+        n_images = len(s.records_for(int(trained["evaluation_id"]), "shapes-geneval"))
+    assert gain.step == 1 and gain.method == "grpo" and gain.n_images == n_images > 0
+    assert gain.gain == pytest.approx(gain.value - gain.base, abs=1e-12) and gain.stderr >= 0
+    printed = harness("leaderboard", "--store", store, "--out", tmp_path / "lb.md")
+    assert printed.exit_code == 0 and f"gain {gain.gain:+.3f} ± {gain.stderr:.3f}" in printed.output
+    assert "## Gain over the base model" in (tmp_path / "lb.md").read_text()
     html = tmp_path / "report.html"
     assert harness("leaderboard", "--store", store, "--out", html, "--format", "html").exit_code == 0
     assert html.read_text().count("data:image/png;base64") >= 4
