@@ -44,6 +44,9 @@ _ENTRIES: dict[str, dict[str, str]] = {
         "unipercept-aesthetics": "evaluators.unipercept:UNIPERCEPT_AESTHETICS",
         "unipercept-quality": "evaluators.unipercept:UNIPERCEPT_QUALITY",
         "unipercept-structure": "evaluators.unipercept:UNIPERCEPT_STRUCTURE",
+        "dpg-official": "evaluators.official:DPG_OFFICIAL",
+        "imagereward-official": "evaluators.official:IMAGEREWARD_OFFICIAL",
+        "hpsv2-official": "evaluators.official:HPSV2_OFFICIAL",
     },
     "suites": {},  # filled from evaluators/suites/*.yaml on first lookup (see evaluators/suites.py)
 }

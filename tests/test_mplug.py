@@ -21,7 +21,15 @@ BERT = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "
 WORDS = "yes no is there a cat dog red the ? ##s blue".split()
 VOCAB = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
 YES, NO = VOCAB.index("yes"), VOCAB.index("no")
-MODELSCOPE_PY = Path("/tmp/msenv/bin/python")
+def _modelscope_python() -> Path:
+    """The `dpg-official` env's python when built (`harness env build dpg-official`), else a hand-made venv."""
+    from harness import envs
+    if envs.state("dpg-official") == "built":
+        return envs.python_of(envs.env_dir("dpg-official"))
+    return Path("/tmp/msenv/bin/python")
+
+
+MODELSCOPE_PY = _modelscope_python()
 QUESTIONS = ["is there a cat?", "is the dog red?", "Is There A Blue Cats?", "yes no", "a",
              "the red dog is there? " * 6]   # the last is longer than 25 tokens: truncated
 
@@ -227,8 +235,9 @@ def test_beam_search_rules_on_a_scripted_decoder():
 
 # --- parity with modelscope (a separate venv; skipped without it) ----------------------------------------------
 
-@pytest.mark.skipif(not MODELSCOPE_PY.is_file(), reason=f"no modelscope venv at {MODELSCOPE_PY} (see "
-                    "../shared/docs/dpg_vqa.md section 6, recipe B)")
+@pytest.mark.worker_env
+@pytest.mark.skipif(not MODELSCOPE_PY.is_file(), reason="the dpg-official env is not built: run "
+                    "`harness env build dpg-official` (modelscope 1.40.2, recipe B of ../shared/docs/dpg_vqa.md)")
 def test_answers_equal_modelscope(tmp_path):
     script = Path(__file__).with_name("mplug_oracle.py")
     folder = tmp_path / "ms"
