@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/harness train --config configs/tiny/demo.yaml --run-dir runs/demo
-	$(BIN)/harness eval --suite all --run runs/demo --store runs/demo/store.sqlite --out runs/demo/eval
+	$(BIN)/harness eval --suite all --run runs/demo --store runs/demo/store.sqlite
 	$(BIN)/harness eval --suite all --checkpoint harness/assets/tiny_base.safetensors --store runs/demo/store.sqlite --out runs/demo/eval
 	$(BIN)/harness leaderboard --store runs/demo/store.sqlite --out runs/demo/leaderboard.md
 	$(BIN)/harness leaderboard --store runs/demo/store.sqlite --out runs/demo/report.html --format html

@@ -124,7 +124,10 @@ class CheckpointScores:
     metrics: dict[str, float]
 
 
-def evaluate_checkpoints(source, suites, store, *, backbone: str = "tiny", out_root: str | os.PathLike = "results/images",
+DEFAULT_IMAGE_ROOT = Path("results/images")
+
+
+def evaluate_checkpoints(source, suites, store, *, backbone: str = "tiny", out_root: str | os.PathLike | None = None,
                          batch_size: int = 32, device: str = "cpu", seed: int | None = None, loaded=None,
                          checkpoint_hash: str | None = None, progress_for: Callable[[str], Progress | None] | None = None,
                          on_scores: Callable[[CheckpointScores], None] | None = None) -> list[CheckpointScores]:
@@ -135,7 +138,8 @@ def evaluate_checkpoints(source, suites, store, *, backbone: str = "tiny", out_r
     Each checkpoint is loaded as harness.runs loads it (a LoRA checkpoint is its base + adapter), unless `loaded`
     gives the backbone already holding its weights (the trainer's model; one checkpoint only; checkpoint_hash may
     then name weights that are not on disk). Run checkpoints label their evaluations with the run, step, method
-    and train seed of the run's config. progress_for(label) gives each (suite, checkpoint)'s progress callback;
+    and train seed of the run's config, and draw into the run's eval/ folder unless out_root is given (so
+    checkpoints scored during training are not drawn again; other checkpoints: results/images). progress_for(label) gives each (suite, checkpoint)'s progress callback;
     on_scores(result) is called as each one finishes."""
     from harness.runs import Checkpoint, checkpoints_in, load_checkpoint_backbone
     suites = [s if isinstance(s, Suite) else load_suite(s) for s in (suites if isinstance(suites, (list, tuple)) else [suites])]
@@ -150,7 +154,8 @@ def evaluate_checkpoints(source, suites, store, *, backbone: str = "tiny", out_r
         path = str(ckpt.path if ckpt else target)
         bb = loaded if loaded is not None else load_checkpoint_backbone(backbone, path, device)
         for s in suites:
-            metrics = evaluate(bb, s, checkpoint_path=path, store=store, out_root=out_root, batch_size=batch_size,
+            root = out_root if out_root is not None else ckpt.run.eval_images if ckpt else DEFAULT_IMAGE_ROOT
+            metrics = evaluate(bb, s, checkpoint_path=path, store=store, out_root=root, batch_size=batch_size,
                                progress=progress_for(f"{s.name} {Path(path).name}") if progress_for else None,
                                checkpoint_hash=checkpoint_hash, seed=seed,
                                run=str(ckpt.run.path) if ckpt else None, step=ckpt.step if ckpt else None,

@@ -344,7 +344,8 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
              run: Optional[Path] = typer.Option(None, help="a run folder: evaluates every checkpoints/step_*/"),
              images: Optional[Path] = typer.Option(None, help="images made elsewhere, in the suite's official layout"),
              store: Optional[Path] = typer.Option(None, help="results store (default $HARNESS_STORE or results/store.sqlite)"),
-             out: Path = typer.Option(Path("results/images"), help="root of the image folders (the cache)"),
+             out: Optional[Path] = typer.Option(None, help="root of the image folders, the cache (default: a run's "
+                                                 "own eval/ folder for its checkpoints, else results/images)"),
              backbone: str = typer.Option("tiny"), batch_size: int = typer.Option(32, min=1),
              device: str = typer.Option("auto"),
              allow_partial: bool = typer.Option(False, help="with --images: score an incomplete folder, stored and "

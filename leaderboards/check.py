@@ -276,11 +276,11 @@ def cli_check(checkpoint: str | Path, baseline: str | Path, tolerance: float | N
     baseline - tolerance (or a missing metric / changed suite version), else 0. With update, the
     baseline file is rewritten (atomically) with the measured values and 0 is returned."""
     from evaluators.run import evaluate_checkpoints, weights_hash   # lazy: model code only when a check runs
+    # out_root None: a run checkpoint draws into its run's eval/ folder (images scored there are not drawn again)
 
     baseline_path = Path(baseline)
     data = load_baseline(baseline_path)
     results = store if isinstance(store, ResultsStore) else ResultsStore(store)
-    out_root = Path(out_root) if out_root is not None else Path("results") / "check"
     try:
         measured, versions, better, stored_hash = {}, {}, {}, None
         suites = sorted(data["suites"])      # registry names or suite files, as the baseline names them
