@@ -220,6 +220,7 @@ def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike
             provenance=provenance.collect(suite=suite.name, suite_version=suite.version, sampler=_sampler_dict(cfg),
                                           seeds={"seed": suite.seed, "index_stride": stride}, checkpoint=str(checkpoint_path),
                                           checkpoint_hash=checkpoint_hash, images=str(root),
+                                          leaderboard=suite.leaderboard or suite.name,
                                           **({"train_seed": int(train_seed)} if train_seed is not None else {})))
         module = backbone.module
         was_training = module.training

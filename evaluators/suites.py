@@ -129,6 +129,9 @@ class Suite(Strict):
     # another suite (name or path) whose images this one scores instead of drawing its own; prompts, seed,
     # sampler, resolution and layout must then be the same (checked when the suite runs)
     images_from: str | None = None
+    # the leaderboard table its metrics feed (a key of leaderboards/leaderboard.py TABLES, e.g. geneval, dpg,
+    # quality); None: a table of its own, titled by the suite's name
+    leaderboard: str | None = None
 
     @field_validator("name")
     @classmethod

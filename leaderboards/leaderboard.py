@@ -82,17 +82,18 @@ TEXT_COLUMNS = ("Source", "Backbone", "Method", "Checkpoint", "Seeds", "Protocol
 
 # ---- row identity ---------------------------------------------------------------------------------
 
-def table_key(suite: str) -> str:
-    """Which table a suite's metrics go to."""
-    if suite.startswith("shapes-"):
-        return suite   # shapes-geneval, shapes-dpg, shapes-quality; other shapes suites get their own table
-    if suite.startswith("geneval"):
-        return "geneval"
-    if suite.startswith("dpg"):
-        return "dpg"
-    if suite.startswith("preference"):
-        return "preference"
-    return "quality"
+def table_key(suite: str, provenance: dict | None = None) -> str:
+    """Which table a suite's metrics go to: the `leaderboard` its declaration names, as the evaluation recorded
+    it (or, for evaluations stored before suites declared it, the registered suite's declaration); a suite that
+    names none gets a table of its own."""
+    declared = (provenance or {}).get("leaderboard")
+    if declared:
+        return str(declared)
+    from evaluators.suites import load_suite
+    from harness import registry
+    if suite in registry.names("suites"):
+        return load_suite(suite).leaderboard or suite
+    return suite
 
 
 def training_seed(run: str | None, provenance: dict | None) -> int | None:
@@ -193,7 +194,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
         seed = training_seed(text_or_none(r.run), r.provenance)
         step = step_or_none(r.step)
         rows.append({
-            "table": table_key(r.suite),
+            "table": table_key(r.suite, r.provenance),
             "protocol_id": protocol_id(r.suite, r.suite_version, r.protocol),
             "protocol": protocol_label(r.suite, r.suite_version, r.protocol),
             "backbone": text_or_none(r.backbone) or "?",

@@ -261,3 +261,10 @@ def test_paired_gain_on_a_hand_built_case(tmp_path):
         assert stderr == pytest.approx(((1 / 3) / 4 + (1 / 4) / 4) ** 0.5 / 2)
         [g] = gains_over_base(store)
         assert g.gain == pytest.approx(g.value - g.base) and not g.significant
+
+
+def test_the_table_comes_from_the_suite_declaration_not_its_name():
+    from leaderboards.leaderboard import table_key
+    assert table_key("my-variant", {"leaderboard": "geneval"}) == "geneval"     # as evaluate() records it
+    assert table_key("geneval-but-not-declared", {}) == "geneval-but-not-declared"   # no prefix guessing
+    assert table_key("preference", {}) == "preference" and table_key("shapes-dpg", None) == "shapes-dpg"   # registered
