@@ -4,7 +4,7 @@
 | evaluator | env | worker | same files and records as |
 |---|---|---|---|
 | `dpg-official` | dpg-official (modelscope 1.40.2 MPlug) | harness/workers/dpg_worker.py | `dpg` |
-| `imagereward-official` | imagereward-official (PyPI image-reward 1.5) | harness/workers/imagereward_worker.py | `imagereward` |
+| `imagereward-official` | imagereward-official (image-reward 1.5) | workers/imagereward_worker.py | `imagereward` |
 | `hpsv2-official` | hpsv2-official (PyPI hpsv2 1.2.0) | harness/workers/hpsv2_worker.py | `hpsv21` |
 
 Each is a plain registered Evaluator: its score function writes the samples as PNG files, sends one request per

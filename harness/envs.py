@@ -100,9 +100,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         size="~1-2 min with a warm pip cache, 1.5 GB"),
     Recipe(
         name="hpsv2-official",
-        description="PyPI hpsv2 1.2.0 (its vendored open_clip ViT-H-14 and img_score's scoring path)",
+        description="hpsv2 1.2.0 as PyPI hpsv2x 1.2.0 ships it (the hpsv2 wheel lacks open_clip's BPE file): its "
+                    "vendored open_clip ViT-H-14 and img_score's scoring path",
         steps=(Step(("torch==2.13.0", "setuptools==80.9.0")),
-               Step(("torchvision==0.28.0", "hpsv2==1.2.0", "timm==1.0.31", "transformers==4.57.6",
+               Step(("torchvision==0.28.0", "hpsv2x==1.2.0", "timm==1.0.31", "transformers==4.57.6",
                      "huggingface_hub==0.36.2", "protobuf==3.20.3", "numpy==2.4.6", "pillow==13.0.0",
                      "ftfy==6.3.1", "regex==2025.9.18", "sentencepiece==0.2.1"))),
         probe="hpsv2_worker.py",

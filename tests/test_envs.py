@@ -111,7 +111,8 @@ def test_environment_variable_sets_the_timeout(fake_worker, monkeypatch):
 
 def test_malformed_line_and_death_before_ready(fake_worker):
     w = fake_worker().start()
-    with pytest.raises(worker.WorkerError, match=r"sent a line that is not JSON during request 'score': '\{half a line'"):
+    with pytest.raises(worker.WorkerError,
+                       match=r"sent a line that is not JSON during request 'score': '\{half a line'"):
         w.request("score", {"items": [], "garbage": True}, timeout=10)
     assert not w.alive()
     with pytest.raises(worker.WorkerError, match=r"worker fake died \(exit code 4\) during start; its last output: "
@@ -214,7 +215,8 @@ def test_build_reuses_a_current_env_and_rebuilds_a_changed_recipe(stub_envs):
     assert envs.require("toy") == folder / "bin" / "python"
     assert (folder / "bin" / "tool").read_text().startswith(f"#!{folder}/bin/python")     # shebangs point here
     recorded = json.loads((folder / envs.RECIPE_FILE).read_text())
-    assert recorded["digest"] == recipes["toy"].digest() and recorded["recipe"]["steps"][0]["requirements"] == ["toy==1.0"]
+    assert recorded["digest"] == recipes["toy"].digest()
+    assert recorded["recipe"]["steps"][0]["requirements"] == ["toy==1.0"]
     assert sorted(p.name for p in envs.root().iterdir()) == [".toy.lock", "toy", "toy.build.log"]   # no temp left
 
     calls.clear()

@@ -143,9 +143,10 @@ def imagereward_dir(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     rand = lambda *shape, s=0.05: s * torch.randn(*shape, generator=g)
     w, p = VIT["width"], VIT["patch"]
-    state = {"blip.visual_encoder.cls_token": rand(1, 1, w), "blip.visual_encoder.pos_embed": rand(1, (224 // p) ** 2 + 1, w),
-             "blip.visual_encoder.patch_embed.proj.weight": rand(w, 3, p, p), "blip.visual_encoder.patch_embed.proj.bias": rand(w),
-             "blip.visual_encoder.norm.weight": 1 + rand(w), "blip.visual_encoder.norm.bias": rand(w)}
+    v = "blip.visual_encoder."
+    state = {v + "cls_token": rand(1, 1, w), v + "pos_embed": rand(1, (224 // p) ** 2 + 1, w),
+             v + "patch_embed.proj.weight": rand(w, 3, p, p), v + "patch_embed.proj.bias": rand(w),
+             v + "norm.weight": 1 + rand(w), v + "norm.bias": rand(w)}
     for i in range(VIT["depth"]):
         b = f"blip.visual_encoder.blocks.{i}."
         for name, shape in (("norm1", (w,)), ("norm2", (w,))):
@@ -195,6 +196,7 @@ def test_imagereward_equals_the_official_package_in_the_worker(imagereward_dir, 
     assert diff <= 1e-5 * max(1.0, float(np.abs(a).max()))       # float32 rounding of two summation orders
     keys = worker.shared([envs.require("imagereward-official"), official.WORKERS / "imagereward_worker.py", "1"],
                          name="imagereward-official").request(
-        "keys", {"checkpoint": str(imagereward_dir / "ImageReward.pt"), "med_config": str(imagereward_dir / "med_config.json"),
-                 "tokenizer_dir": str(imagereward_dir), "vit": VIT}, timeout=300)
+        "keys", {"checkpoint": str(imagereward_dir / "ImageReward.pt"),
+                 "med_config": str(imagereward_dir / "med_config.json"), "tokenizer_dir": str(imagereward_dir),
+                 "vit": VIT}, timeout=300)
     assert keys["unexpected"] == [] and [k for k in keys["missing"] if "position_ids" not in k] == []

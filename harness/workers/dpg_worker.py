@@ -60,4 +60,5 @@ def info(model_dir):
 
 
 if __name__ == "__main__":
-    wire.main("dpg-official", {"answer": answer, "info": info}, ("modelscope", "transformers", "torch", "timm", "torchvision"))
+    wire.main("dpg-official", {"answer": answer, "info": info},
+              ("modelscope", "transformers", "torch", "timm", "torchvision"))

@@ -86,4 +86,5 @@ def keys(checkpoint, med_config, tokenizer_dir, vit=None):
 
 
 if __name__ == "__main__":
-    wire.main("imagereward-official", {"score": score, "keys": keys}, ("image-reward", "transformers", "timm", "torch", "torchvision"))
+    wire.main("imagereward-official", {"score": score, "keys": keys},
+              ("image-reward", "transformers", "timm", "torch", "torchvision"))
