@@ -292,6 +292,9 @@ BAD_SETTINGS = [
     ("optim.betas=[0.9, 1.5]", "optim.betas"), ("method.n_global=3", "n_global"), ("name=../x", "name"),
     ("backbone.options={d_model: 32, n_layers: 1, n_heads: 2, mlp_hidden: 64, bogus: 1}", "bogus"),
     ("backbone.device=tpu", "tpu"), ("reward={}", "reward"), ("rollout.sampler.preset=mmadaa", "mmadaa"),
+    # a key the chosen method never reads is an error, not a silent no-op
+    ("method.mask_ratio=cosine", "method.mask_ratio does not apply to method 'ht-grpo'"),
+    ("method={name: grpo, inner_iterations: 1, partition: entropy_low}", "method.partition does not apply to method 'grpo'"),
 ]
 
 
@@ -468,3 +471,15 @@ def test_two_evals_of_the_same_checkpoint_share_the_work(work, tmp_path):
     assert [r[1] for r in rows(store)] == ["complete"]
     printed = [[l for l in o.splitlines() if "overall" in l.lower()] for o in outputs]
     assert printed[0] == printed[1] and printed[0], outputs
+
+
+def test_a_method_key_left_at_its_default_is_not_an_error():
+    """Configs written before methods owned their keys list every key at its default: they still validate."""
+    from trainers.config import MethodConfig, TrainConfig
+    from trainers.loop import check_train_config
+    every_key = MethodConfig().model_dump()
+    for name in ("grpo", "maskgrpo", "tracegrpo", "diffu-grpo", "ht-grpo"):
+        cfg = TrainConfig(method={**every_key, "name": name}, reward={"shapes-geneval": 1.0})
+        check_train_config(cfg, for_training=False)
+    with pytest.raises(ValueError, match="method.min_mask_rate does not apply to method 'grpo'"):
+        check_train_config(TrainConfig(method={**every_key, "name": "grpo", "min_mask_rate": 0.3}), for_training=False)

@@ -173,6 +173,14 @@ def check_train_config(cfg: TrainConfig, for_training: bool = True) -> list[str]
     if 0 < cfg.loss.object_credit < 1:
         raise ValueError(f"loss.object_credit must be 0 (off) or >= 1 (the weight ratio), got {cfg.loss.object_credit}")
     m = cfg.method
+    method = registry.get("methods", m.name)
+    shared = {"name", "inner_iterations"}
+    foreign = sorted(k for k in m.model_fields_set - shared - set(method.options)
+                     if getattr(m, k) != type(m).model_fields[k].default)
+    if foreign:    # set but never read: an error, not a silent no-op (a default value left in an old dump is fine)
+        raise ValueError(f"method.{foreign[0]} does not apply to method {m.name!r}"
+                         + (f" (nor {', '.join('method.' + k for k in foreign[1:])})" if foreign[1:] else "")
+                         + f"; its options: {', '.join(sorted(shared | set(method.options)))}")
     if m.name == "ht-grpo" and m.n_global + m.n_struct >= m.inner_iterations:
         notes.append(f"method: with n_global + n_struct = {m.n_global + m.n_struct} >= inner_iterations = "
                      f"{m.inner_iterations}, the refinement stage never runs")

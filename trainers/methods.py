@@ -43,6 +43,7 @@ class Method:
     name: str
     description: str
     views: Callable[[MethodConfig, RolloutTrace, int, torch.Generator], list[View]]
+    options: tuple[str, ...] = ()    # the MethodConfig keys it reads besides name and inner_iterations
     needs_masked_entropy: Callable[[MethodConfig], bool] = lambda cfg: False
     stages: tuple[str, ...] = ("all",)
 
@@ -167,12 +168,17 @@ def ht_grpo_views(cfg: MethodConfig, tr: RolloutTrace, k: int, gen: torch.Genera
     return [View(visible=visible, in_loss=picked, weight=weight, stage=stage)]
 
 
-GRPO = Method("grpo", "uniform credit, random remasking with mask ratio ~ U(min, 1) (UniGRPO-style)", grpo_views)
-MASKGRPO = Method("maskgrpo", "random masking, rate rising from min_mask_rate to ~1 over the inner loop", maskgrpo_views)
+GRPO = Method("grpo", "uniform credit, random remasking with mask ratio ~ U(min, 1) (UniGRPO-style)", grpo_views,
+              options=("mask_ratio", "min_mask_ratio"))
+MASKGRPO = Method("maskgrpo", "random masking, rate rising from min_mask_rate to ~1 over the inner loop", maskgrpo_views,
+                  options=("min_mask_rate",))
 TRACEGRPO = Method("tracegrpo", "replay of the recorded unmasking trajectory, steps grouped into trace_groups passes",
-                   tracegrpo_views)
-DIFFU_GRPO = Method("diffu-grpo", "d1: all image codes masked, prompt tokens masked with prompt_mask_prob", diffu_grpo_views)
+                   tracegrpo_views, options=("trace_groups",))
+DIFFU_GRPO = Method("diffu-grpo", "d1: all image codes masked, prompt tokens masked with prompt_mask_prob", diffu_grpo_views,
+                    options=("prompt_mask_prob",))
 HT_GRPO = Method("ht-grpo", "Sketch Then Paint: structure/refinement partition, hierarchical credit, staged inner loop",
                  ht_grpo_views,
+                 options=("partition", "structure_fraction", "estimator", "credit", "structure_weight", "n_global",
+                          "n_struct", "sample_fraction", "trace_groups"),
                  needs_masked_entropy=lambda cfg: cfg.partition != "commit_order" or cfg.credit == "soft_entropy",
                  stages=("global", "structure", "refinement"))
