@@ -107,7 +107,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                      "huggingface_hub==0.36.2", "protobuf==3.20.3", "numpy==2.4.6", "pillow==13.0.0",
                      "ftfy==6.3.1", "regex==2025.9.18", "sentencepiece==0.2.1"))),
         probe="hpsv2_worker.py",
-        size="~1 min with a warm pip cache, 1.2 GB"),
+        size="~2 min with a warm pip cache, 1.5 GB"),
 )}
 
 
