@@ -47,6 +47,7 @@ def sync(device: str) -> None:
 def check_one(name: str, load, preset: str, prompts: list[str], args, out: Path | None) -> dict:
     from harness.backbones.base import token_logprobs
     from harness.backbones.lora import apply_lora
+    from harness.samples import images_from_codes
     from harness.sampling import generate, sampler_config
 
     dev = args.device
@@ -63,7 +64,7 @@ def check_one(name: str, load, preset: str, prompts: list[str], args, out: Path 
     rollout = generate(bb, prompts, cfg, seed=0, batch_size=args.batch)
     sync(dev)
     gen_s = time.time() - t0
-    images = bb.decode(rollout.codes)
+    images = images_from_codes(bb, rollout.codes)   # decode time counts with the drawing
     sync(dev)
     gen_mem = peak(dev)
     print(f"[{name}] {len(prompts)} images, preset {preset!r} ({cfg.steps} steps, CFG {cfg.cfg}), batch {args.batch}: "
@@ -71,8 +72,7 @@ def check_one(name: str, load, preset: str, prompts: list[str], args, out: Path 
     if out is not None:
         from PIL import Image
         out.mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(images):
-            pixels = (im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        for i, pixels in enumerate(images):
             Image.fromarray(pixels).save(out / f"{name}_{i}.png")
         print(f"[{name}] images in {out}")
 

@@ -181,7 +181,6 @@ def make_trainer(bb, cfg):
     """trainers.loop.build_trainer's steps on an in-memory backbone, with random rewards."""
     from harness import registry
     from harness.backbones.lora import apply_lora
-    from harness.sampling import sampler_config
     from trainers.loop import Trainer, lr_factor
     reference = None
     if cfg.backbone.lora is not None:
@@ -198,10 +197,7 @@ def make_trainer(bb, cfg):
     opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     k = cfg.method.inner_iterations
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: lr_factor(o, u // k, cfg.steps))
-    s = cfg.rollout.sampler
-    fields = ("steps", "cfg", "temperature", "choice_temperature", "noise_anneal")
-    chosen = [f for f in fields if f in s.model_fields_set] if s.preset else fields
-    sampler = sampler_config(s.preset, **{f: getattr(s, f) for f in chosen})
+    sampler = cfg.rollout.sampler.resolve(cfg.backbone.name)
     rng = np.random.default_rng(0)
     reward = lambda samples: (rng.random(len(samples)), {})
     return Trainer(cfg, bb, registry.get("methods", cfg.method.name), reward, opt, sched, reference, sampler)
@@ -257,7 +253,7 @@ def train_row(bb, label: str, method: str, size: Size, device, peak: float, nomi
                          layout=lay, gradient_checkpointing=cfg.backbone.gradient_checkpointing, rollout_batch=b)
     kind = "full FT" if full_ft else f"LoRA r={lora.r}"
     row = {"backbone": label, "what": f"{method} step, {kind}", "L": lay.length, "N": lay.slots,
-           "steps": cfg.rollout.sampler.steps, "model_mem": mem["peak"]}
+           "steps": cfg.rollout.sampler.resolve(bb.name).steps, "model_mem": mem["peak"]}
     if mem["peak"] > mem_limit:
         row.update(skipped=f"does not fit: model {F.fmt_bytes(mem['peak'])} > {F.fmt_bytes(mem_limit)}")
         return row
@@ -426,7 +422,6 @@ def main(argv=None) -> int:
     dtype = getattr(torch, size.dtype)
     peak = peaks[size.dtype]
     if not a.tiny_only:
-        from harness.sampling import sampler_config
         from trainers.config import TrainConfig  # noqa: F401
         with tempfile.TemporaryDirectory() as tmp:
             for name_bb in a.backbones.split(","):
@@ -436,8 +431,7 @@ def main(argv=None) -> int:
                 label = f"{name_bb} ({arch.n_layers} of 32 layers, d {arch.d_model})" if arch.n_layers != 32 else name_bb
                 print(f"[{name_bb}] built {arch.params / 1e9:.2f} B params in {time.perf_counter() - t0:.1f} s; "
                       f"grid {bb.grid}", flush=True)
-                s = train_config(name_bb, "ht-grpo", size, device, False).rollout.sampler
-                sampler = sampler_config(s.preset, steps=s.steps, cfg=s.cfg)
+                sampler = train_config(name_bb, "ht-grpo", size, device, False).rollout.sampler.resolve(name_bb)
                 rows += rollout_rows(bb, label, arch, sampler, size.batches, device, peak, size.dtype, nominal)
                 print(table(rows[-len(size.batches):], nominal), flush=True)
                 if name_bb in size.train_backbones:

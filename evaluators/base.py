@@ -10,14 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-
-@dataclass
-class Sample:
-    key: str                 # unique within a suite run, e.g. "00012/0003" (prompt index / image index)
-    metadata: dict           # GenEval-format metadata (or dense metadata) of the prompt
-    image: np.ndarray        # [H, W, 3] uint8 RGB
-    prompt_index: int = 0
-    seed: int = 0
+from harness.samples import Sample   # noqa: F401  (the one sample type; evaluators take it from here too)
 
 
 @dataclass

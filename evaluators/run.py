@@ -38,6 +38,7 @@ from evaluators.base import Evaluator, Sample
 from evaluators.suites import (Suite, SuitePrompt, index_stride, load_suite, prompts_digest, sampler_for,
                                suite_prompts, suites_for_backbone)
 from harness import provenance, registry, sampling
+from harness.samples import images_from_codes
 from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, confined, sha256_file
 
 __all__ = ["evaluate_checkpoints", "evaluate", "evaluate_images_dir", "suites_for_backbone", "run_dir", "weights_hash", "resolve_evaluators"]
@@ -400,8 +401,7 @@ def _generate_missing(backbone, suite: Suite, prompts: list[SuitePrompt], root: 
         prompt_batch = backbone.tokenize([p.metadata["prompt"] for p, _ in chunk])
         rollout = sampling.sample(backbone, prompt_batch, cfg, seed=suite.seed,
                                   indices=[p.index * stride + j for p, j in chunk])
-        pixels = backbone.decode(rollout.codes).clamp(0, 1).mul(255).round().byte()
-        arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        arrays = images_from_codes(backbone, rollout.codes)
         for (p, j), array in zip(chunk, arrays):
             if suite.layout == "geneval":
                 atomic_write_bytes(_sample_path(root, p, j), _png_bytes(array))

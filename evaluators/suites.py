@@ -40,6 +40,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 from harness import registry
 from harness.config import ConfigError, Strict, read_yaml, validate
 from harness.io import safe_name
+from harness.sampling import SamplerSettings
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
 LAYOUTS = ("geneval", "dpg")
@@ -91,26 +92,6 @@ class DpgPromptsDir(Strict):
 
 PromptSet = Annotated[Union[ShapesPrompts, ShapesDensePrompts, MetadataFilePrompts, DpgPromptsDir],
                       Field(discriminator="kind")]
-
-
-class SamplerSettings(Strict):
-    """Unset fields come from the preset (or SamplerConfig's defaults). preset "backbone" = the preset
-    named like the backbone being evaluated (mmada, lumina-dimoo), for suites shared by several models."""
-    preset: str | None = None
-    steps: int | None = Field(default=None, ge=1)
-    cfg: float | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, gt=0)
-    choice_temperature: float | None = Field(default=None, ge=0)
-    noise_anneal: Literal["linear", "cumprod", "constant"] | None = None
-    schedule: Literal["cosine", "linear"] | None = None
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, preset: str | None) -> str | None:
-        from harness.sampling import PRESETS
-        if preset is not None and preset != "backbone" and preset not in PRESETS:
-            raise ValueError(f"unknown sampler preset {preset!r}; known: backbone, {', '.join(PRESETS)}")
-        return preset
 
 
 class Suite(Strict):
@@ -314,13 +295,7 @@ def prompts_digest(prompts: list[SuitePrompt]) -> str:
 
 def sampler_for(suite: Suite, backbone_name: str):
     """The SamplerConfig a suite asks for when run on a backbone."""
-    from harness.sampling import PRESETS, sampler_config
-    s = suite.sampler
-    preset = s.preset
-    if preset == "backbone":
-        if backbone_name not in PRESETS:
-            raise ValueError(f"suite {suite.name!r}: sampler.preset 'backbone' but backbone {backbone_name!r} "
-                             f"has no sampler preset (known: {', '.join(PRESETS)})")
-        preset = backbone_name
-    fields = s.model_dump(exclude={"preset"}, exclude_none=True)
-    return sampler_config(preset, **fields)
+    try:
+        return suite.sampler.resolve(backbone_name)
+    except ValueError as e:
+        raise ValueError(f"suite {suite.name!r}: {e}") from None

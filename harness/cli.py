@@ -299,6 +299,7 @@ def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
     from PIL import Image
 
     from harness.io import atomic_write_bytes
+    from harness.samples import images_from_codes
     from harness.sampling import PRESETS, generate, sampler_config
 
     _finite(cfg, "--cfg", 0.0)
@@ -310,8 +311,7 @@ def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
     overrides = {k: v for k, v in (("steps", steps), ("cfg", cfg)) if v is not None}
     sampler = sampler_config(backbone if backbone in PRESETS else None, **overrides)
     rollout = generate(bb, [prompt] * n, sampler, seed=seed)
-    pixels = bb.decode(rollout.codes).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    images = [Image.fromarray(p) for p in pixels]
+    images = [Image.fromarray(p) for p in images_from_codes(bb, rollout.codes)]
 
     def save(image, path: Path) -> Path:
         buffer = io.BytesIO()

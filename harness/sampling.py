@@ -36,10 +36,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from harness.backbones.base import MASKED, Backbone, PromptBatch, guided_logits
+from harness.config import Strict
 
 
 SCHEDULES = {
@@ -83,6 +86,36 @@ def sampler_config(preset: str | None = None, **overrides) -> SamplerConfig:
     if preset not in PRESETS:
         raise KeyError(f"unknown sampler preset {preset!r}; known: {', '.join(PRESETS)}")
     return replace(PRESETS[preset], **overrides)
+
+
+class SamplerSettings(Strict):
+    """The sampler as a training config (rollout.sampler) or a suite (sampler) writes it; the one such type.
+    Unset fields come from the preset, else SamplerConfig's defaults. preset "backbone" = the preset named like
+    the backbone it runs on (mmada, lumina-dimoo), for configs and suites shared by several models."""
+    preset: str | None = None
+    steps: int | None = Field(default=None, ge=1)
+    cfg: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, gt=0)
+    choice_temperature: float | None = Field(default=None, ge=0)
+    noise_anneal: Literal["linear", "cumprod", "constant"] | None = None
+    schedule: Literal["cosine", "linear", "mmada-cosine", "dimoo-cosine"] | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str | None) -> str | None:
+        if preset is not None and preset != "backbone" and preset not in PRESETS:
+            raise ValueError(f"unknown sampler preset {preset!r}; known: backbone, {', '.join(PRESETS)}")
+        return preset
+
+    def resolve(self, backbone: str | None = None) -> "SamplerConfig":
+        """The SamplerConfig these settings give on `backbone` (needed for preset "backbone")."""
+        preset = self.preset
+        if preset == "backbone":
+            if backbone not in PRESETS:
+                raise ValueError(f"sampler.preset 'backbone' but backbone {backbone!r} has no sampler preset "
+                                 f"(known: {', '.join(PRESETS)})")
+            preset = backbone
+        return sampler_config(preset, **self.model_dump(exclude={"preset"}, exclude_none=True))
 
 
 def _mmada_keep(step: int, steps: int, n: int, masked: int) -> int:

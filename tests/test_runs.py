@@ -209,3 +209,27 @@ def test_the_method_comparison_scores_with_the_protocol_of_harness_eval(run, tmp
     with ResultsStore(store, readonly=True) as s:
         frame = s.latest_metrics()
     assert dict(zip(frame["name"], frame["value"])) == result["eval"] and result["eval"]
+
+
+def test_the_pixels_scored_in_training_are_the_pixels_eval_saves(run, tmp_path):
+    """One codes -> uint8 conversion (harness.samples): a rollout's Sample image equals the PNG evaluate() wrote
+    for the same prompt, seed and global index."""
+    import numpy as np
+    from PIL import Image
+    from evaluators.run import evaluate_checkpoints, run_dir, weights_hash
+    from evaluators.suites import index_stride, load_suite, sampler_for, suite_prompts
+    from harness import sampling
+    from harness.backbones.tiny import DEFAULT_CHECKPOINT, load_tiny
+    from trainers.loop import to_samples
+    suite = load_suite(str(run / "suite.yaml"))
+    with ResultsStore(tmp_path / "s.sqlite") as store:
+        evaluate_checkpoints(DEFAULT_CHECKPOINT, suite, store, out_root=tmp_path / "img")
+    bb = load_tiny()
+    prompts = suite_prompts(suite)
+    p, j = prompts[-1], 1
+    rollout = sampling.sample(bb, bb.tokenize([p.metadata["prompt"]]), sampler_for(suite, "tiny"), seed=suite.seed,
+                              indices=[p.index * index_stride(prompts) + j])
+    [sample] = to_samples(bb, rollout.codes, [p.metadata], step=0)
+    saved = run_dir(tmp_path / "img", suite, weights_hash(DEFAULT_CHECKPOINT)) / p.prompt_id / "samples" / f"{j:04d}.png"
+    assert np.array_equal(sample.image, np.array(Image.open(saved).convert("RGB")))
+    assert np.array_equal(sample.codes, rollout.codes[0].numpy())

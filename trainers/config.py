@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.config import Strict
 from harness.io import safe_name
+from harness.sampling import SamplerSettings
 from harness.shapes.prompts import TAGS
 
 # Ranges are declared on the fields (pydantic reports them with the key path); rules that tie fields together
@@ -36,15 +37,6 @@ class BackboneConfig(Strict):
         from harness.backbones.base import check_device
         check_device(v, require_available=False)   # availability is checked when training starts
         return v
-
-
-class SamplerSettings(Strict):
-    preset: str | None = None
-    steps: int = Field(12, ge=1)
-    cfg: float = Field(2.0, ge=0.0)
-    temperature: float = Field(1.0, gt=0.0)
-    choice_temperature: float = Field(2.0, ge=0.0)
-    noise_anneal: Literal["linear", "cumprod", "constant"] = "linear"
 
 
 class RolloutConfig(Strict):

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluators.base import Sample
 from harness import registry
 from harness.backbones.base import PromptBatch, mask_prompt_tokens, token_logprobs
 from harness.checkpoint import load_weights
@@ -33,7 +32,8 @@ from harness.config import apply_overrides, dump_config, load_config, read_yaml,
 from harness.io import append_jsonl, atomic_write_text, read_jsonl, sha256_file
 from harness.runs import (ADAPTER_FILE, CONFIG_FILE, LOG_LINE_FILE, MODEL_FILE, TRAINER_STATE_FILE, RunDir,
                           weights_file)
-from harness.sampling import Rollout, sampler_config, generate
+from harness.samples import Sample, images_from_codes
+from harness.sampling import Rollout, generate
 from harness.shapes.prompts import sample_metadata
 from trainers.config import TrainConfig
 from trainers.methods import Method, RolloutTrace, View
@@ -155,7 +155,6 @@ def check_train_config(cfg: TrainConfig, for_training: bool = True) -> list[str]
     can tell (the device exists, model files are present) and raises; otherwise such problems come back as notes."""
     from evaluators.suites import load_suite
     from harness.backbones.base import check_device
-    from harness.sampling import PRESETS
     notes: list[str] = []
     registry.target("methods", cfg.method.name)
     registry.target("backbones", cfg.backbone.name)
@@ -164,9 +163,10 @@ def check_train_config(cfg: TrainConfig, for_training: bool = True) -> list[str]
         known = ", ".join(sorted(backbone_option_names(cfg.backbone.name)))
         raise ValueError(f"backbone.options: unknown key(s) {', '.join(unknown)} for backbone "
                          f"{cfg.backbone.name!r}; known: {known}")
-    s = cfg.rollout.sampler
-    if s.preset is not None and s.preset not in PRESETS:
-        raise ValueError(f"rollout.sampler.preset {s.preset!r} is unknown; known: {', '.join(sorted(PRESETS))}")
+    try:
+        cfg.rollout.sampler.resolve(cfg.backbone.name)
+    except ValueError as e:
+        raise ValueError(f"rollout.{e}") from None
     if cfg.loss.object_credit > 1 and cfg.backbone.name != "tiny":
         raise ValueError(f"loss.object_credit reads objects with the shapes-world detector; backbone "
                          f"{cfg.backbone.name!r} draws no shapes-world images (set loss.object_credit: 0)")
@@ -240,11 +240,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     # the scheduler ticks once per optimizer update (K per training step); its factor is a function of the step
     k = cfg.method.inner_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(o, u // k, cfg.steps))
-    s = cfg.rollout.sampler
-    # with a preset, only the fields written in the config override it
-    fields = ("steps", "cfg", "temperature", "choice_temperature", "noise_anneal")
-    chosen = [f for f in fields if f in s.model_fields_set] if s.preset else fields
-    sampler = sampler_config(s.preset, **{f: getattr(s, f) for f in chosen})
+    sampler = cfg.rollout.sampler.resolve(cfg.backbone.name)
     tr = Trainer(cfg, backbone, registry.get("methods", cfg.method.name), build_reward(cfg.reward),
                  optimizer, scheduler, reference, sampler)
     if o.ema_decay > 0:
@@ -265,8 +261,9 @@ def step_prompts(cfg: TrainConfig, step: int) -> list[dict]:
 
 
 def to_samples(backbone, codes: torch.Tensor, metas: list[dict], step: int) -> list[Sample]:
-    images = (backbone.decode(codes).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Sample(key=f"{step}/{i}", metadata=m, image=im, prompt_index=i) for i, (m, im) in enumerate(zip(metas, images))]
+    images = images_from_codes(backbone, codes)
+    return [Sample(key=f"{step}/{i}", metadata=m, image=im, prompt_index=i, codes=c)
+            for i, (m, im, c) in enumerate(zip(metas, images, codes.detach().cpu().numpy()))]
 
 
 def chunks(n: int, size: int) -> list[slice]:
