@@ -317,3 +317,55 @@ def write_llada_checkpoint(model: LLaDA, directory: str | Path, extra_config: di
     atomic_write_json(directory / "config.json", {**model.config.to_json(), **(extra_config or {})})
     save_weights(directory / "model.safetensors", model.state_dict(), {"format": "pt"})
     return directory
+
+
+class LLaDAImageBackbone:
+    """What MMaDA and Lumina-DiMOO share on top of the LLaDA transformer: the device, the image forward (the
+    subclass's build_inputs gives the sequence; logits at the slots over the code rows of the head), prompt
+    batches and the adapter's save. Each subclass sets name, CODE_OFFSET, CODEBOOK_SIZE and _batch."""
+    lora_targets = BLOCK_LINEARS
+    CODE_OFFSET: int
+    CODEBOOK_SIZE: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def llada(self) -> LLaDA:
+        from harness.backbones.lora import base_module
+        return base_module(self.module)
+
+    def tokenize(self, prompts: list[str]):
+        return self._batch(list(prompts), uncond=False)
+
+    def uncond(self, n: int):
+        return self._batch([""] * n, uncond=True)
+
+    def image_logits(self, prompts, codes: torch.LongTensor) -> torch.Tensor:
+        ids, key_mask, positions = self.build_inputs(prompts.to(self.device), codes)
+        return self.module(ids, key_mask, positions, (self.CODE_OFFSET, self.CODEBOOK_SIZE))
+
+    def save(self, path, metadata: dict | None = None) -> None:
+        from harness.backbones.lora import save_trainable
+        save_trainable(self, path, {**self.save_metadata(), **(metadata or {})})
+
+    def save_metadata(self) -> dict:
+        return {}
+
+
+def load_llada_backbone(directory: Path, make, *, device, dtype, model_id: str, layout: str, lora,
+                        gradient_checkpointing: bool):
+    """The loading both share: the transformer from `directory` (load_llada), then make(module) builds the
+    backbone around it, then the adapter: None; a dict {r, alpha, dropout, targets} for a fresh one; or a file
+    written by `save` (adapter weights + settings)."""
+    from harness.backbones.lora import apply_lora, load_trainable
+    module = load_llada(directory, device=device, dtype=hub.parse_dtype(dtype), model_id=model_id, layout=layout)
+    module.gradient_checkpointing = gradient_checkpointing
+    backbone = make(module)
+    if isinstance(lora, dict):
+        apply_lora(backbone, **lora)
+    elif lora is not None:
+        load_trainable(backbone, lora)
+    return backbone
+

@@ -26,8 +26,7 @@ import torch
 
 from harness.backbones import hub
 from harness.backbones.base import MASKED, PromptBatch
-from harness.backbones.llada import BLOCK_LINEARS, LLaDA, load_llada
-from harness.backbones.lora import apply_lora, base_module, load_trainable, save_trainable
+from harness.backbones.llada import LLaDA, LLaDAImageBackbone, load_llada_backbone
 
 MODEL_ID = "Alpha-VLLM/Lumina-DiMOO"
 LAYOUT = (f"a directory like the HF repo {MODEL_ID}: config.json (LLaDA keys) and *.safetensors (keys "
@@ -48,9 +47,9 @@ COND_TEMPLATE = SYSTEM + "<user>{prompt}</user>"
 UNCOND_TEXT = SYSTEM + "<user><uncondition></user>"
 
 
-class LuminaDiMOOBackbone:
+class LuminaDiMOOBackbone(LLaDAImageBackbone):
     name = "lumina-dimoo"
-    lora_targets = BLOCK_LINEARS
+    CODE_OFFSET, CODEBOOK_SIZE = CODE_OFFSET, CODEBOOK_SIZE
 
     def __init__(self, module: LLaDA, tokenizer, vq, *, height: int = 1024, width: int = 1024):
         rows = module.head[0].shape[0]
@@ -76,10 +75,6 @@ class LuminaDiMOOBackbone:
         other = copy.copy(self)
         other._set_resolution(height, width)
         return other
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
 
     # --- prompts ---------------------------------------------------------------------------------
 
@@ -118,12 +113,6 @@ class LuminaDiMOOBackbone:
         return PromptBatch(ids=ids, attn=attn, maskable=maskable, texts=list(texts), pad_id=PAD_ID,
                            pad_side="right").to(self.device)
 
-    def tokenize(self, prompts: list[str]) -> PromptBatch:
-        return self._batch(list(prompts), uncond=False)
-
-    def uncond(self, n: int) -> PromptBatch:
-        return self._batch([""] * n, uncond=True)
-
     # --- the forward -----------------------------------------------------------------------------
 
     def image_part(self, codes: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -157,10 +146,6 @@ class LuminaDiMOOBackbone:
         positions = lengths[:, None] + slot_offsets[None]
         return ids, key_mask, positions
 
-    def image_logits(self, prompts: PromptBatch, codes: torch.LongTensor) -> torch.Tensor:
-        ids, key_mask, positions = self.build_inputs(prompts.to(self.device), codes)
-        return self.module(ids, key_mask, positions, (CODE_OFFSET, CODEBOOK_SIZE))
-
     # --- pixels ----------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -182,12 +167,8 @@ class LuminaDiMOOBackbone:
         latents = self.vq.encode(x).latents
         return self.vq.quantize(latents)[2][2].reshape(images.shape[0], -1).to(self.device)
 
-    def save(self, path: str | Path, metadata: dict | None = None) -> None:
-        save_trainable(self, path, {"height": self.image_size[0], "width": self.image_size[1], **(metadata or {})})
-
-    @property
-    def llada(self) -> LLaDA:
-        return base_module(self.module)
+    def save_metadata(self) -> dict:
+        return {"height": self.image_size[0], "width": self.image_size[1]}
 
 
 def load_vqvae(directory: Path, device: str | torch.device = "cpu"):
@@ -213,13 +194,10 @@ def load_lumina_dimoo(path: str | Path = MODEL_ID, device: str | torch.device = 
     """
     path = MODEL_ID if path is None else path
     directory = hub.resolve_model_dir(path, model_id=MODEL_ID, layout=LAYOUT)
-    module = load_llada(directory, device=device, dtype=hub.parse_dtype(dtype), model_id=MODEL_ID, layout=LAYOUT)
-    module.gradient_checkpointing = gradient_checkpointing
     if tokenizer is None:
         tokenizer = hub.load_tokenizer(directory, model_id=MODEL_ID, layout=LAYOUT, trust_remote_code=trust_remote_code)
-    backbone = LuminaDiMOOBackbone(module, tokenizer, load_vqvae(directory, device), height=height, width=width)
-    if isinstance(lora, dict):
-        apply_lora(backbone, **lora)
-    elif lora is not None:
-        load_trainable(backbone, lora)
-    return backbone
+    vq = load_vqvae(directory, device)
+    return load_llada_backbone(
+        directory, lambda module: LuminaDiMOOBackbone(module, tokenizer, vq, height=height, width=width),
+        device=device, dtype=dtype, model_id=MODEL_ID, layout=LAYOUT, lora=lora,
+        gradient_checkpointing=gradient_checkpointing)

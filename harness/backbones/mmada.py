@@ -24,8 +24,7 @@ import torch
 
 from harness.backbones import hub
 from harness.backbones.base import MASKED, PromptBatch
-from harness.backbones.llada import BLOCK_LINEARS, LLaDA, load_llada
-from harness.backbones.lora import apply_lora, base_module, load_trainable, save_trainable
+from harness.backbones.llada import LLaDA, LLaDAImageBackbone, load_llada_backbone
 from harness.backbones.magvit import MODEL_ID as MAGVIT_ID, MagvitV2, load_magvit
 
 MODEL_ID = "Gen-Verse/MMaDA-8B-Base"
@@ -41,9 +40,9 @@ CODEBOOK_SIZE = 8192
 MAX_TEXT_LEN = 512        # the prompt part is MAX_TEXT_LEN + 1 = 513 tokens
 
 
-class MMaDABackbone:
+class MMaDABackbone(LLaDAImageBackbone):
     name = "mmada"
-    lora_targets = BLOCK_LINEARS
+    CODE_OFFSET, CODEBOOK_SIZE = CODE_OFFSET, CODEBOOK_SIZE
 
     def __init__(self, module: LLaDA, tokenizer, vq: MagvitV2, *, resolution: int = 512,
                  max_text_len: int = MAX_TEXT_LEN):
@@ -67,10 +66,6 @@ class MMaDABackbone:
         self.text_mask_id = MASK_ID
         self.lora: dict | None = None
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
     # --- prompts ---------------------------------------------------------------------------------
 
     def prompt_row(self, text: str) -> tuple[list[int], list[bool]]:
@@ -85,19 +80,13 @@ class MMaDABackbone:
         pad = self.prompt_len - len(row)
         return [PAD] * pad + row, [False] * pad + maskable
 
-    def _batch(self, texts: list[str]) -> PromptBatch:
-        rows = [self.prompt_row(t) for t in texts]
+    def _batch(self, texts: list[str], uncond: bool = False) -> PromptBatch:
+        rows = [self.prompt_row(t) for t in texts]     # the unconditional prompt is the empty text
         ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
         maskable = torch.tensor([r[1] for r in rows], dtype=torch.bool)
         attn = ids != PAD
         return PromptBatch(ids=ids, attn=attn, maskable=maskable, texts=list(texts), pad_id=PAD,
                            pad_side="left").to(self.device)
-
-    def tokenize(self, prompts: list[str]) -> PromptBatch:
-        return self._batch(list(prompts))
-
-    def uncond(self, n: int) -> PromptBatch:
-        return self._batch([""] * n)
 
     # --- the forward -----------------------------------------------------------------------------
 
@@ -117,10 +106,6 @@ class MMaDABackbone:
         positions = (lp + 1 + torch.arange(n, device=device)).expand(b, n)
         return ids, key_mask, positions
 
-    def image_logits(self, prompts: PromptBatch, codes: torch.LongTensor) -> torch.Tensor:
-        ids, key_mask, positions = self.build_inputs(prompts.to(self.device), codes)
-        return self.module(ids, key_mask, positions, (CODE_OFFSET, CODEBOOK_SIZE))
-
     # --- pixels ----------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -138,13 +123,6 @@ class MMaDABackbone:
         device = next(self.vq.parameters()).device
         return self.vq.get_code(images.to(device).float() * 2 - 1).to(self.device)
 
-    def save(self, path: str | Path, metadata: dict | None = None) -> None:
-        save_trainable(self, path, metadata)
-
-    @property
-    def llada(self) -> LLaDA:
-        return base_module(self.module)
-
 
 def load_mmada(path: str | Path = MODEL_ID, device: str | torch.device = "cpu", dtype: str | torch.dtype = "bfloat16",
                lora: dict | str | Path | None = None, *, vq_path: str | Path | None = None, tokenizer=None,
@@ -157,16 +135,12 @@ def load_mmada(path: str | Path = MODEL_ID, device: str | torch.device = "cpu", 
     """
     path = MODEL_ID if path is None else path
     directory = hub.resolve_model_dir(path, model_id=MODEL_ID, layout=LAYOUT)
-    module = load_llada(directory, device=device, dtype=hub.parse_dtype(dtype), model_id=MODEL_ID, layout=LAYOUT)
-    module.gradient_checkpointing = gradient_checkpointing
     if tokenizer is None:
         tokenizer = hub.load_tokenizer(directory, model_id=MODEL_ID, layout=LAYOUT, padding_side="left")
     if vq_path is None:
         vq_path = directory / "magvitv2" if (directory / "magvitv2").is_dir() else MAGVIT_ID
     vq = load_magvit(vq_path, device=device)
-    backbone = MMaDABackbone(module, tokenizer, vq, resolution=resolution, max_text_len=max_text_len)
-    if isinstance(lora, dict):
-        apply_lora(backbone, **lora)
-    elif lora is not None:
-        load_trainable(backbone, lora)
-    return backbone
+    return load_llada_backbone(
+        directory, lambda module: MMaDABackbone(module, tokenizer, vq, resolution=resolution, max_text_len=max_text_len),
+        device=device, dtype=dtype, model_id=MODEL_ID, layout=LAYOUT, lora=lora,
+        gradient_checkpointing=gradient_checkpointing)
