@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from evaluators import dpg, mplug
-from evaluators.base import Evaluator, Metric, Sample
+from evaluators.base import Evaluator, Metric, Sample, mean_and_stderr
 
 CSV_ENV = "HARNESS_DPG_CSV"
 ANSWERS_ENV = "HARNESS_DPG_ANSWERS"
@@ -182,7 +182,7 @@ def aggregate_dpg(records: list[dict]) -> list[Metric]:
         tiles.setdefault(r["item_id"], {})[int(r["tile"])] = {int(k): bool(v) for k, v in r["yes"].items()}
     answers = {f"{item_id}.png": [t[k] for k in sorted(t)] for item_id, t in tiles.items() if item_id in table}
     summary = dpg.score_dpg(table, answers, parity=True)
-    metrics = [Metric("dpg_overall", summary.score, scale="0-100")]
+    metrics = [Metric("dpg_overall", summary.score, stderr=_image_stderr(summary), n=len(summary.images), scale="0-100")]
     metrics += [Metric(f"dpg_{k}", v, scale="0-100") for k, v in summary.l1.items()]
     metrics += [Metric("dpg_" + k.replace(" - ", "_").replace(" ", "_"), v, scale="0-100")
                 for k, v in summary.l2.items() if "dpg_" + k.replace(" - ", "_").replace(" ", "_")
@@ -198,4 +198,10 @@ DPG = Evaluator(
                 "dpg_bench.csv's questions per tile; official rules (dependency zeroing, tile -> image mean, "
                 "categories from the last tile); overall = mean over images x 100.",
     score=score_dpg, aggregate=aggregate_dpg, reward_field="score", check_ready=check_ready)
+
+
+def _image_stderr(summary) -> float | None:
+    """Standard error of DPG's overall score (100 x the mean over images of each image's score)."""
+    scores = [100.0 * image.score for image in summary.images.values()]
+    return mean_and_stderr(scores)[1] if scores else None
 

@@ -334,10 +334,15 @@ def aggregate(results: list[dict]) -> dict:
 
 def summary_metrics(results: list[dict]) -> list:
     """summary_scores.py as metrics: overall (mean of tag accuracies), each tag, correct images and prompts."""
-    from evaluators.base import Metric
+    from evaluators.base import Metric, mean_and_stderr, mean_of_group_means
     summary = aggregate(results)
-    metrics = [Metric("geneval_overall", summary["overall"])]
-    metrics += [Metric(f"geneval_{tag}", summary["tags"][tag]["accuracy"]) for tag in TAGS if tag in summary["tags"]]
+    per_tag: dict[str, list[float]] = {}
+    for r in results:
+        per_tag.setdefault(r["tag"], []).append(float(bool(r["correct"])))
+    _, se, n = mean_of_group_means(per_tag)   # the value itself stays the official one
+    metrics = [Metric("geneval_overall", summary["overall"], stderr=se, n=n)]
+    metrics += [Metric(f"geneval_{tag}", summary["tags"][tag]["accuracy"], stderr=mean_and_stderr(per_tag[tag])[1],
+                       n=len(per_tag[tag])) for tag in TAGS if tag in summary["tags"]]
     metrics += [Metric("geneval_correct_images", summary["frac_correct_images"]),
                 Metric("geneval_correct_prompts", summary["frac_correct_prompts"])]
     return metrics

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from evaluators import clip_colors
-from evaluators.base import Evaluator, Metric, Sample
+from evaluators.base import Evaluator, Metric, Sample, mean_and_stderr
 from evaluators.local_weights import weights_file
 
 AESTHETIC_HEAD_ENV = "HARNESS_AESTHETIC_HEAD"
@@ -211,8 +211,8 @@ def mean_score_metric(name: str, scale: str, clamp_at_zero: bool = False):
     def aggregate(records: list[dict]) -> list[Metric]:
         if not records:
             raise ValueError(f"{name}: no records to aggregate (was the sample list empty?)")
-        mean = float(np.mean([r["score"] for r in records]))
-        return [Metric(name, max(mean, 0.0) if clamp_at_zero else mean, scale=scale)]
+        mean, se, n = mean_and_stderr(r["score"] for r in records)
+        return [Metric(name, max(mean, 0.0) if clamp_at_zero else mean, scale=scale, stderr=se, n=n)]
     return aggregate
 
 

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from evaluators import dpg, geneval
-from evaluators.base import Evaluator, Metric, Sample
+from evaluators.base import Evaluator, Metric, Sample, mean_and_stderr
 from harness.shapes.detect import centre_in_cells, detect_image, size_in_cells
 from harness.shapes.prompts import GENEVAL_TAGS
 from harness.shapes.questions import answer, questions
@@ -272,7 +272,7 @@ def aggregate_dpg(records: list[dict]) -> list[Metric]:
         tiles.setdefault(r["item_id"], []).append({qid: bool(a) for qid, a in zip(item.questions, r["answers"])})
     summary = dpg.score_dpg(items, tiles, parity=False)
     scale = "0-100"
-    metrics = [Metric("dpg_overall", summary.score, scale=scale)]
+    metrics = [Metric("dpg_overall", summary.score, stderr=_image_stderr(summary), n=len(summary.images), scale=scale)]
     metrics += [Metric(f"dpg_{k}", v, scale=scale) for k, v in summary.l1.items()]
     metrics += [Metric("dpg_" + k.replace(" - ", "_"), v, scale=scale) for k, v in summary.l2.items()]
     return metrics
@@ -360,10 +360,13 @@ def group_diversity(records: list[dict]) -> dict[str, float | None]:
 def aggregate_quality(records: list[dict]) -> list[Metric]:
     _require(records, "shapes-quality")
     fidelities = [r["fidelity"] for r in records if r["fidelity"] is not None]
+    def mean_metric(name: str, values: list[float], **kw) -> Metric:
+        value, se, n = mean_and_stderr(values)
+        return Metric(name, value, stderr=se, n=n, **kw)
     metrics = [
-        Metric("stray_cell_fraction", float(np.mean([r["stray_fraction"] for r in records])), higher_is_better=False),
-        Metric("shape_fidelity", float(np.mean(fidelities)) if fidelities else 0.0),
-        Metric("background_cleanliness", float(np.mean([r["cleanliness"] for r in records]))),
+        mean_metric("stray_cell_fraction", [r["stray_fraction"] for r in records], higher_is_better=False),
+        mean_metric("shape_fidelity", fidelities) if fidelities else Metric("shape_fidelity", 0.0),
+        mean_metric("background_cleanliness", [r["cleanliness"] for r in records]),
     ]
     groups: dict[str, list[dict]] = {}
     for r in records:
@@ -373,7 +376,7 @@ def aggregate_quality(records: list[dict]) -> list[Metric]:
     for name, scale in scales.items():
         values = [d[name] for d in per_group if d[name] is not None]
         if values:
-            metrics.append(Metric(name, float(np.mean(values)), scale=scale))
+            metrics.append(mean_metric(name, values, scale=scale))
     metrics.append(Metric("diversity_prompts", float(len(per_group)), scale="count"))
     return metrics
 
@@ -383,3 +386,10 @@ SHAPES_QUALITY = Evaluator(
     description="Reward-hacking watch on the shapes world: stray-cell fraction, shape fidelity, background "
                 "cleanliness, and per-prompt diversity of positions, sizes and free colours.",
     score=score_quality, aggregate=aggregate_quality, reward_field=None)
+
+
+def _image_stderr(summary) -> float | None:
+    """Standard error of DPG's overall score (100 x the mean over images of each image's score)."""
+    scores = [100.0 * image.score for image in summary.images.values()]
+    return mean_and_stderr(scores)[1] if scores else None
+

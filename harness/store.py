@@ -49,7 +49,8 @@ from typing import Any, Iterator
 
 from harness import provenance as provenance_lib
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2        # 2: metrics carry their standard error and sample count (1: without; read as NULL,
+READABLE_VERSIONS = (1, 2)  #    upgraded in place when opened for writing)
 DEFAULT_STORE = Path("results") / "store.sqlite"
 BUSY_TIMEOUT_S = 120.0  # how long a writer waits for another writer's transaction
 
@@ -88,6 +89,8 @@ CREATE TABLE IF NOT EXISTS metrics (
     scale TEXT NOT NULL,
     higher_is_better INTEGER NOT NULL,
     version TEXT NOT NULL,
+    stderr REAL,
+    n INTEGER,
     PRIMARY KEY (evaluation_id, evaluator, name)
 );
 """
@@ -96,7 +99,7 @@ EVALUATION_COLUMNS = (
     "id", "created", "suite", "suite_version", "backbone", "method", "run", "step",
     "checkpoint", "checkpoint_hash", "seed", "protocol_json", "provenance_json", "status",
 )
-METRIC_FIELDS = ("name", "value", "scale", "higher_is_better", "version")
+METRIC_FIELDS = ("name", "value", "scale", "higher_is_better", "version")   # required; stderr and n optional
 
 
 def default_store_path() -> Path:
@@ -153,10 +156,14 @@ def _check_harness_tables(conn: sqlite3.Connection, path: Path) -> bool:
         raise StoreError(f"{path} is a SQLite database but not a harness results store (tables: "
                          f"{', '.join(sorted(tables)[:6])}); it was left untouched; pass another --store")
     row = conn.execute("SELECT version FROM schema_version").fetchone()
-    if row is None or row[0] != SCHEMA_VERSION:
+    if row is None or row[0] not in READABLE_VERSIONS:
         raise StoreError(f"results store {path} has schema version {row[0] if row else None}, this harness reads "
-                         f"version {SCHEMA_VERSION}; use a matching harness or a new store path")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}; use a matching harness or a new store path")
     return True
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT version FROM schema_version").fetchone()[0])
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -240,7 +247,13 @@ def _check_metric(metric: dict) -> tuple:
         raise ValueError(f"metric {name!r} is NaN; fix the evaluator instead of storing it")
     if math.isinf(value):
         raise ValueError(f"metric {name!r} is infinite ({value}); fix the evaluator instead of storing it")
-    return (name, value, str(metric["scale"]), int(bool(metric["higher_is_better"])), str(metric["version"]))
+    stderr, n = metric.get("stderr"), metric.get("n")
+    if stderr is not None and not (math.isfinite(float(stderr)) and float(stderr) >= 0):
+        raise ValueError(f"metric {name!r}: stderr {stderr!r} must be a finite number >= 0 or None")
+    if n is not None and (int(n) != n or int(n) < 0):
+        raise ValueError(f"metric {name!r}: n {n!r} must be a whole number >= 0 or None")
+    return (name, value, str(metric["scale"]), int(bool(metric["higher_is_better"])), str(metric["version"]),
+            None if stderr is None else float(stderr), None if n is None else int(n))
 
 
 class ResultsStore:
@@ -287,6 +300,12 @@ class ResultsStore:
 
     def _init_schema(self) -> None:
         if _check_harness_tables(self.conn, self.path):
+            if _schema_version(self.conn) == 1:   # add the metrics' stderr and n columns, in one transaction
+                with self._write() as c:
+                    if _schema_version(c) == 1:
+                        c.execute("ALTER TABLE metrics ADD COLUMN stderr REAL")
+                        c.execute("ALTER TABLE metrics ADD COLUMN n INTEGER")
+                        c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             return                               # an existing store: nothing to create
         with self._write() as c:
             # statement by statement: executescript() would commit in the middle of the transaction
@@ -428,18 +447,20 @@ class ResultsStore:
             self._require_running(c, eval_id)
             c.execute("DELETE FROM metrics WHERE evaluation_id = ? AND evaluator = ?", (eval_id, evaluator))
             c.executemany(
-                "INSERT INTO metrics (evaluation_id, evaluator, name, value, scale, higher_is_better, version) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                "INSERT INTO metrics (evaluation_id, evaluator, name, value, scale, higher_is_better, version, "
+                "stderr, n) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def metrics_frame(self, complete_only: bool = True):
         """pandas DataFrame, one row per metric, with every evaluation column; protocol and
         provenance parsed into dict columns. Columns: evaluation_id, created, suite, ..., status,
-        protocol, provenance, evaluator, name, value, scale, higher_is_better (bool), version."""
+        protocol, provenance, evaluator, name, value, scale, higher_is_better (bool), version, stderr, n
+        (the metric's standard error and the count it was computed over; None where the evaluator gives none)."""
         import pandas as pd  # only the leaderboard needs pandas; keep writers light
 
         where = "WHERE e.status = 'complete'" if complete_only else ""
+        spread = "m.stderr, m.n" if _schema_version(self.conn) >= 2 else "NULL AS stderr, NULL AS n"   # read-only v1
         rows = self.conn.execute(
-            "SELECT e.*, m.evaluator, m.name, m.value, m.scale, m.higher_is_better, m.version "
+            f"SELECT e.*, m.evaluator, m.name, m.value, m.scale, m.higher_is_better, m.version, {spread} "
             f"FROM metrics m JOIN evaluations e ON e.id = m.evaluation_id {where} "
             "ORDER BY e.id, m.evaluator, m.name").fetchall()
         out = []
@@ -447,10 +468,11 @@ class ResultsStore:
             d = _parse_evaluation(r)
             d["evaluation_id"] = d.pop("id")
             d.update(evaluator=r["evaluator"], name=r["name"], value=float(r["value"]),
-                     scale=r["scale"], higher_is_better=bool(r["higher_is_better"]), version=r["version"])
+                     scale=r["scale"], higher_is_better=bool(r["higher_is_better"]), version=r["version"],
+                     stderr=r["stderr"], n=r["n"])
             out.append(d)
         columns = ["evaluation_id", *EVALUATION_COLUMNS[1:-3], "status", "protocol", "provenance",
-                   "evaluator", "name", "value", "scale", "higher_is_better", "version"]
+                   "evaluator", "name", "value", "scale", "higher_is_better", "version", "stderr", "n"]
         return pd.DataFrame(out, columns=columns)
 
     def latest_metrics(self, suite: str | None = None):

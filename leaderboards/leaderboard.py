@@ -179,7 +179,7 @@ def checkpoint_label(step, checkpoint: str | None) -> str:
 # ---- aggregation ----------------------------------------------------------------------------------
 
 ROW_KEY = ["table", "protocol_id", "protocol", "backbone", "method", "step_order", "checkpoint_label"]
-SUMMARY_COLUMNS = ROW_KEY + ["name", "mean", "std", "n", "higher_is_better", "seeds"]
+SUMMARY_COLUMNS = ROW_KEY + ["name", "mean", "std", "n", "higher_is_better", "seeds", "stderr"]
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
@@ -204,11 +204,14 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             "replicate": f"seed:{seed}" if seed is not None else f"ckpt:{r.checkpoint_hash}",
             "seed": seed,
             "name": r.name, "value": float(r.value), "higher_is_better": bool(r.higher_is_better),
+            "stderr": _finite_or_nan(getattr(r, "stderr", None)),
         })
     long = pd.DataFrame(rows)
     # One trained model = one replicate: average its evaluation seeds first.
     per_model = (long.groupby(ROW_KEY + ["replicate", "name"], sort=False)
-                 .agg(value=("value", "mean"), higher_is_better=("higher_is_better", "first"), seed=("seed", "first"))
+                 .agg(value=("value", "mean"), higher_is_better=("higher_is_better", "first"), seed=("seed", "first"),
+                      # the mean of k evaluation seeds' values: its error is sqrt(sum se^2) / k (NaN if one is unknown)
+                      stderr=("stderr", lambda se: math.sqrt(float((se ** 2).sum(skipna=False))) / len(se)))
                  .reset_index())
     out = []
     for key, group in per_model.groupby(ROW_KEY + ["name"], sort=False):
@@ -218,16 +221,29 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
                     "mean": sum(values) / len(values),
                     "std": float(pd.Series(values).std(ddof=1)) if len(values) >= 2 else math.nan,
                     "n": len(values), "higher_is_better": bool(group["higher_is_better"].iloc[0]),
-                    "seeds": ", ".join(str(s) for s in seeds)})
+                    "seeds": ", ".join(str(s) for s in seeds),
+                    # one replicate: the evaluation's own standard error is the error bar there is
+                    "stderr": float(group["stderr"].iloc[0]) if len(values) == 1 else math.nan})
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
 
-def format_cell(mean: float, std: float, decimals: int) -> str:
+def _finite_or_nan(value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def format_cell(mean: float, std: float, decimals: int, stderr: float = math.nan) -> str:
+    """"mean ± std" over training seeds; with one seed, "mean (s.e. x)" where the evaluation gives its error."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return MISSING
     text = f"{mean:.{decimals}f}"
     if std is not None and not math.isnan(std):
         text += f" ± {std:.{decimals}f}"
+    elif stderr is not None and not math.isnan(stderr):
+        text += f" (s.e. {stderr:.{decimals}f})"
     return text
 
 
@@ -267,7 +283,7 @@ def _build_table(spec: TableSpec, summary: pd.DataFrame, include_reported: bool)
                "Seeds": ", ".join(seeds) or MISSING, "Protocol": key["protocol"]}
         for metric, header in columns:
             r = by_name.get(metric)
-            row[header] = MISSING if r is None else format_cell(r.mean, r.std, spec.decimals)
+            row[header] = MISSING if r is None else format_cell(r.mean, r.std, spec.decimals, r.stderr)
         rows.append(row)
     for r in reported:
         row = {"Source": f"reported ({r.source})", "Backbone": r.backbone, "Method": r.method, "Checkpoint": "paper",
@@ -346,7 +362,8 @@ def table_title(key: str) -> str:
 def render_markdown(tables: dict[str, pd.DataFrame], title: str = "Leaderboard") -> str:
     """Markdown document: one section per table, then the protocol legend."""
     parts = [f"# {title}", "",
-             "Cells are mean ± sample std over training seeds (n); rows with Source \"reported\" are the "
+             "Cells are mean ± sample std over training seeds (n); with one seed, (s.e. x) is the evaluation's own "
+             "standard error (from its images' randomness); rows with Source \"reported\" are the "
              f"published numbers of {PAPER}, under the paper's own protocol, for reference only. "
              "Compare rows only when their Protocol (suite@version, steps, CFG, resolution, images per prompt, "
              "#hash of the full protocol) is identical.", ""]

@@ -375,7 +375,8 @@ def build_report(store: ResultsStore, frame: pd.DataFrame | None = None, *, max_
              f"generated {now}</p>",
              '<p class="toc"><a href="#tables">Tables</a> · <a href="#curves">Training curves</a> · '
              '<a href="#images">Images across checkpoints</a></p>',
-             '<p class="note">Cells are mean ± sample std over training seeds (n). Grey italic rows are the '
+             '<p class="note">Cells are mean ± sample std over training seeds (n); with one seed, (s.e. x) is the '
+             "evaluation's own standard error (from its images' randomness). Grey italic rows are the "
              f"published numbers of {html.escape(PAPER)}, under the paper's own protocol: reference only. "
              "Compare rows only when their Protocol (and its coloured #hash) is identical.</p>",
              '<h2 id="tables">Tables</h2>']

@@ -297,3 +297,20 @@ def test_results_record_round_trip(tmp_path):
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == [record, record]
     assert aggregate([json.loads(line) for line in lines])["overall"] == 1.0
+
+
+def test_geneval_overall_carries_its_standard_error():
+    """Tag a: 3 of 4 correct (s.e. = sample std / sqrt(4)); tag b: 1 of 2. overall = (0.75 + 0.5) / 2 and its
+    s.e. = sqrt(se_a^2 + se_b^2) / 2; the value itself stays the official one."""
+    import numpy as np
+    from evaluators.geneval import summary_metrics
+    outcomes = {"single_object": [True, False, True, True], "colors": [True, False]}
+    records = [{"tag": tag, "correct": c, "metadata": json.dumps({"tag": tag, "i": i})}
+               for tag, cs in outcomes.items() for i, c in enumerate(cs)]
+    metrics = {m.name: m for m in summary_metrics(records)}
+    se = {t: np.std(np.array(cs, float), ddof=1) / np.sqrt(len(cs)) for t, cs in outcomes.items()}
+    se["a"], se["b"] = se["single_object"], se["colors"]
+    assert metrics["geneval_overall"].value == (0.75 + 0.5) / 2
+    assert metrics["geneval_overall"].stderr == pytest.approx(np.sqrt(se["a"] ** 2 + se["b"] ** 2) / 2)
+    assert metrics["geneval_overall"].n == 6
+    assert metrics["geneval_single_object"].stderr == pytest.approx(se["a"]) and metrics["geneval_single_object"].n == 4

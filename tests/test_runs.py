@@ -102,6 +102,7 @@ def test_eval_of_a_run_records_the_seed_of_its_config_and_the_report_shows_its_i
     printed = harness("leaderboard", "--store", store, "--out", tmp_path / "lb.md")
     assert printed.exit_code == 0 and f"gain {gain.gain:+.3f} ± {gain.stderr:.3f}" in printed.output
     assert "## Gain over the base model" in (tmp_path / "lb.md").read_text()
+    assert "(s.e. " in (tmp_path / "lb.md").read_text()     # one training seed: the eval's own error bar is shown
     html = tmp_path / "report.html"
     assert harness("leaderboard", "--store", store, "--out", html, "--format", "html").exit_code == 0
     assert html.read_text().count("data:image/png;base64") >= 4

@@ -256,3 +256,45 @@ def test_provenance_versions_and_hashes(tmp_path):
     assert info["time_utc"].endswith("+00:00") and info["host"]
     commit = info["git_commit"]
     assert commit is None or len(commit.removesuffix("-dirty")) == 40
+
+
+def test_a_version_1_store_is_read_as_is_and_upgraded_when_written(tmp_path):
+    """Stores written before metrics had stderr / n: read-only opens see NULLs without touching the file; a
+    writable open adds the columns in place and keeps every row."""
+    import sqlite3
+    import harness.store as store_module
+    path = tmp_path / "v1.sqlite"
+    with ResultsStore(path) as s:
+        eid = s.begin_evaluation("suite", "1", "ckpt", 0, {"p": 1}, checkpoint_hash="h", provenance={})
+        s.set_metrics(eid, "ev", [{"name": "m", "value": 0.5, "scale": "0-1", "higher_is_better": True,
+                                   "version": "1", "stderr": 0.1, "n": 8}])
+        s.finish_evaluation(eid)
+    conn = sqlite3.connect(path)      # make it a version-1 file: no stderr / n columns
+    conn.execute("CREATE TABLE m1 AS SELECT evaluation_id, evaluator, name, value, scale, higher_is_better, version "
+                 "FROM metrics")
+    conn.execute("DROP TABLE metrics")
+    conn.execute("ALTER TABLE m1 RENAME TO metrics")
+    conn.execute("UPDATE schema_version SET version = 1")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with ResultsStore(path, readonly=True) as s:
+        frame = s.latest_metrics()
+    assert frame["value"].tolist() == [0.5] and frame["stderr"].isna().all() and path.read_bytes() == before
+    with ResultsStore(path) as s:
+        assert store_module._schema_version(s.conn) == store_module.SCHEMA_VERSION
+        assert s.latest_metrics()["value"].tolist() == [0.5]
+
+
+def test_metric_stderr_and_n_round_trip_and_bad_ones_are_refused(tmp_path):
+    with ResultsStore(tmp_path / "s.sqlite") as s:
+        eid = s.begin_evaluation("suite", "1", "ckpt", 0, {}, checkpoint_hash="h", provenance={})
+        metric = {"name": "m", "value": 0.5, "scale": "0-1", "higher_is_better": True, "version": "1"}
+        s.set_metrics(eid, "ev", [{**metric, "stderr": 0.03, "n": 48}, {**metric, "name": "plain"}])
+        s.finish_evaluation(eid)
+        frame = s.latest_metrics().set_index("name")
+        assert frame.loc["m", "stderr"] == 0.03 and frame.loc["m", "n"] == 48 and frame["stderr"].isna().sum() == 1
+        eid = s.begin_evaluation("suite", "1", "ckpt2", 0, {}, checkpoint_hash="h2", provenance={})
+        for bad in ({"stderr": -1.0}, {"stderr": float("nan")}, {"n": 2.5}):
+            with pytest.raises(ValueError, match="stderr|n "):
+                s.set_metrics(eid, "ev", [{**metric, **bad}])
