@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from harness.backbones.base import MASKED, Backbone, PromptBatch, guided_logits
+from harness.backbones.base import MASKED, Backbone, PromptBatch, concat_prompts, guided_logits
 from harness.config import Strict
 
 
@@ -72,6 +72,49 @@ class SamplerConfig:
             raise ValueError("temperature must be > 0")
 
 
+@dataclass(frozen=True)
+class MLCacheSamplerConfig(SamplerConfig):
+    """SamplerConfig with Lumina-DiMOO's ML-Cache (max-logit cache) on. A subclass, so the plain SamplerConfig
+    (and every protocol recorded from it with dataclasses.asdict) is unchanged when the cache is off.
+
+    Upstream (Alpha-VLLM/Lumina-DiMOO @ 81344e60545ae8d70f11039d3450717d974f831b, generators/image_generation_generator.py
+    generate_image L30-33 for the defaults, L74-79 for the schedule; inference/inference_t2i.py L40-43 the same defaults
+    on the command line, README "Faster Sampling with Cache" the ranges):
+    - warmup_step = int(steps * warmup_ratio); step s is a refresh (a full forward that rebuilds the cache of every
+      block's keys / values and of the logits at every position) when s <= warmup_step or (s - warmup_step) %
+      refresh_interval == 0;
+    - any other step recomputes, per sequence (cond and uncond separately), only the positions whose max image-code
+      logit at the step before is <= its (1 - cache_ratio) quantile (L138-145), about 10% of them at the default;
+      every other position keeps its cached keys, values and logits (harness.backbones.llada ml_cache_step).
+    Needs a LLaDA backbone (mmada, lumina-dimoo; the cache itself is DiMOO's)."""
+    cache: str = "ml-cache"
+    cache_ratio: float = 0.9          # share of positions reused at a cached step, in (0, 1); upstream default 0.9
+    cache_warmup_ratio: float = 0.3   # share of the steps that always refresh, in [0, 1); upstream default 0.3
+    cache_refresh_interval: int = 5   # a full refresh every this many steps after the warm-up, >= 2; upstream 5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cache != "ml-cache":
+            raise ValueError(f"cache must be ml-cache here (cache none is a plain SamplerConfig), not {self.cache!r}")
+        if not 0 < self.cache_ratio < 1:
+            raise ValueError("cache_ratio must lie in (0, 1)")
+        if not 0 <= self.cache_warmup_ratio < 1:
+            raise ValueError("cache_warmup_ratio must lie in [0, 1)")
+        if self.cache_refresh_interval < 2:
+            raise ValueError("cache_refresh_interval must be >= 2")
+
+
+CACHE_FIELDS = ("cache_ratio", "cache_warmup_ratio", "cache_refresh_interval")
+
+
+def refresh_steps(cfg: SamplerConfig) -> list[bool]:
+    """Per step, whether it runs the full forward (always, without the cache)."""
+    if not isinstance(cfg, MLCacheSamplerConfig):
+        return [True] * cfg.steps
+    warmup = int(cfg.steps * cfg.cache_warmup_ratio)
+    return [s <= warmup or (s - warmup) % cfg.cache_refresh_interval == 0 for s in range(cfg.steps)]
+
+
 PRESETS = {
     "mmada": SamplerConfig(steps=15, cfg=3.5, temperature=1.0, choice_temperature=1.0, noise_anneal="cumprod",
                            schedule="mmada-cosine"),
@@ -81,11 +124,26 @@ PRESETS = {
 
 
 def sampler_config(preset: str | None = None, **overrides) -> SamplerConfig:
+    """The preset (or the defaults) with `overrides`; cache="ml-cache" (with cache_* settings) gives an
+    MLCacheSamplerConfig, cache="none" or no cache a plain SamplerConfig."""
+    cache = overrides.pop("cache", None) or "none"
+    cache_settings = {k: overrides.pop(k) for k in CACHE_FIELDS if k in overrides}
     if preset is None:
-        return SamplerConfig(**overrides)
-    if preset not in PRESETS:
+        base = SamplerConfig(**overrides)
+    elif preset not in PRESETS:
         raise KeyError(f"unknown sampler preset {preset!r}; known: {', '.join(PRESETS)}")
-    return replace(PRESETS[preset], **overrides)
+    else:
+        base = replace(PRESETS[preset], **overrides)
+    if cache == "none":
+        if cache_settings:
+            raise ValueError(f"{', '.join(cache_settings)} set but cache is none (set cache: ml-cache)")
+        return base
+    if cache != "ml-cache":
+        raise ValueError(f"cache must be none or ml-cache, not {cache!r}")
+    plain = {f.name: getattr(base, f.name) for f in fields(SamplerConfig)}
+    if isinstance(base, MLCacheSamplerConfig):
+        plain.update({k: getattr(base, k) for k in CACHE_FIELDS})
+    return MLCacheSamplerConfig(**{**plain, **cache_settings})
 
 
 class SamplerSettings(Strict):
@@ -99,6 +157,11 @@ class SamplerSettings(Strict):
     choice_temperature: float | None = Field(default=None, ge=0)
     noise_anneal: Literal["linear", "cumprod", "constant"] | None = None
     schedule: Literal["cosine", "linear", "mmada-cosine", "dimoo-cosine"] | None = None
+    # Lumina-DiMOO's ML-Cache (MLCacheSamplerConfig); unset = none (images as without the option)
+    cache: Literal["none", "ml-cache"] | None = None
+    cache_ratio: float | None = Field(default=None, gt=0, lt=1)
+    cache_warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    cache_refresh_interval: int | None = Field(default=None, ge=2)
 
     @field_validator("preset")
     @classmethod
@@ -212,10 +275,14 @@ def sample(backbone: Backbone, prompts: PromptBatch, cfg: SamplerConfig, *, seed
     entropy = torch.zeros(b, n, device=device)
     taus = noise_scales(cfg)
     keep_counts = mask_schedule(cfg.steps, n, cfg.schedule)
+    cached = _MLCache(backbone, prompts, uncond, cfg) if isinstance(cfg, MLCacheSamplerConfig) else None
     for s in range(cfg.steps):
         if s > 0 and keep_counts[s - 1] == 0:
             break                    # nothing left to commit (DiMOO's loop stops here too)
-        logits = guided_logits(backbone, prompts, uncond, codes, cfg.cfg).float()     # [B, N, K]
+        if cached is None:
+            logits = guided_logits(backbone, prompts, uncond, codes, cfg.cfg).float()     # [B, N, K]
+        else:
+            logits = cached.guided_logits(s, codes).float()
         k = logits.shape[-1]
         drawn = (logits / cfg.temperature + _gumbel((n, k), gens).to(device)).argmax(-1)
         logp = torch.log_softmax(logits, -1)
@@ -236,6 +303,31 @@ def sample(backbone: Backbone, prompts: PromptBatch, cfg: SamplerConfig, *, seed
         confidence = torch.where(commit, conf.exp(), confidence)
         entropy = torch.where(commit, ent, entropy)
     return Rollout(codes=codes, commit_step=commit_step, confidence=confidence, entropy=entropy, seed=seed, indices=indices)
+
+
+class _MLCache:
+    """guided_logits under the ML-Cache: cond and uncond rows in one batch as guided_logits, a refresh at the
+    steps refresh_steps(cfg) names (step 0 always, so the first step equals the uncached sampler's)."""
+
+    def __init__(self, backbone: Backbone, prompts: PromptBatch, uncond: PromptBatch | None, cfg: MLCacheSamplerConfig):
+        if not hasattr(backbone, "image_logits_ml_cache"):
+            raise ValueError(f"sampler cache ml-cache needs a LLaDA backbone (mmada, lumina-dimoo), not "
+                             f"{getattr(backbone, 'name', type(backbone).__name__)!r}")
+        self.backbone, self.cfg, self.guided = backbone, cfg, uncond is not None and cfg.cfg != 0
+        self.prompts = concat_prompts(prompts, uncond) if self.guided else prompts
+        self.refresh = refresh_steps(cfg)
+        self.state = None
+
+    def guided_logits(self, step: int, codes: torch.LongTensor) -> torch.Tensor:
+        if self.refresh[step]:
+            self.state = None
+        both = torch.cat([codes, codes]) if self.guided else codes
+        logits, self.state = self.backbone.image_logits_ml_cache(self.prompts, both, self.state,
+                                                                 compute_ratio=1 - self.cfg.cache_ratio)
+        if not self.guided:
+            return logits
+        c, u = logits.chunk(2)
+        return (1 + self.cfg.cfg) * c - self.cfg.cfg * u
 
 
 def generate(backbone: Backbone, texts: list[str], cfg: SamplerConfig, *, seed: int, batch_size: int = 64,

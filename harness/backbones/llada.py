@@ -27,7 +27,7 @@ image forward needs [B, N, 8192], while the full head would be [B, L, 134k] (0.4
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -183,19 +183,45 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=c.include_bias)
         self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=c.include_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
+                kv_out: list | None = None) -> torch.Tensor:
         b, length, d = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_out is not None:          # ML-Cache refresh: keep this block's keys (after RoPE) and values
+            kv_out.append((k, v))
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         # key_mask [B, 1, 1, L]: True = may be attended to. No causal mask, ever.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
         x = x + self.attn_out(y.transpose(1, 2).reshape(b, length, d))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+    def forward_rows(self, x: torch.Tensor, index: torch.LongTensor, cos: torch.Tensor, sin: torch.Tensor,
+                     keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The block at C of the L positions only (ML-Cache): x [B, C, d] are the rows at `index` [B, C], cos/sin
+        [B, 1, C, hd] their RoPE rows. Their keys and values overwrite those rows of the cached `keys` / `values`
+        [B, H_kv, L, hd] (in place); their queries attend to all L cached keys, the others' being stale."""
+        b, c, d = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, c, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, c, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, c, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        where = index[:, None, :, None].expand(-1, self.n_kv_heads, -1, self.head_dim)
+        keys.scatter_(2, where, k)
+        values.scatter_(2, where, v)
+        k, v = keys, values
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(b, c, d))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -243,33 +269,42 @@ class LLaDA(nn.Module):
             return t.wte.weight, None
         return t.ff_out.weight, t.ff_out.bias
 
-    def _blocks(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None) -> torch.Tensor:
-        t = self.model.transformer
-        length = input_ids.shape[1]
-        x = t.wte(input_ids)
+    # key_mask [B, L] with nothing padded is passed to attention as None (plain SDPA; on CUDA the flash kernel takes
+    # no mask). Deciding that reads one bool from the device, a host sync per forward; mask_check = False always
+    # passes the mask (no sync). On CPU both give bit-identical outputs (tests/test_ml_cache.py); on CUDA they may
+    # pick different SDPA kernels, so the default keeps the check.
+    mask_check: bool = True
+
+    def _attention_mask(self, key_mask: torch.BoolTensor | None) -> torch.Tensor | None:
+        # key_mask [B, L], True on real tokens -> [B, 1, 1, L]; None when nothing is padded
+        if key_mask is None or (self.mask_check and bool(key_mask.all())):
+            return None
+        return key_mask[:, None, None, :]
+
+    def _rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         # RoPE tables for any length (upstream extends its cache past max_sequence_length too; DiMOO at
         # 1024x1024 px runs ~4.2k tokens against LLaDA's 4096)
-        cos, sin = rope_tables(length, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.device)
-        # key_mask [B, L], True on real tokens -> [B, 1, 1, L]; None when nothing is padded
-        mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
+        return rope_tables(length, self.config.d_model // self.config.n_heads, self.config.rope_theta, device)
+
+    def _blocks(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None,
+                kv_out: list | None = None) -> torch.Tensor:
+        t = self.model.transformer
+        x = t.wte(input_ids)
+        cos, sin = self._rope(input_ids.shape[1], x.device)
+        mask = self._attention_mask(key_mask)
         for blk in t.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, mask)
+                x = blk(x, cos, sin, mask, kv_out)
         return x
 
     def hidden_states(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None = None) -> torch.Tensor:
         """Final hidden states after ln_f, [B, L, d], at every position."""
         return self.model.transformer.ln_f(self._blocks(input_ids, key_mask))
 
-    def forward(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None = None,
-                positions: torch.LongTensor | None = None, vocab_slice: tuple[int, int] | None = None) -> torch.Tensor:
-        """fp32 logits. `positions` [B, N]: only those rows; `vocab_slice` (start, count): only those head rows.
-
-        The head runs in fp32 (an 8192 x d slice is cheap) so RL log-probs do not carry bf16 logit error.
-        """
-        x = self._blocks(input_ids, key_mask)
+    def _logits(self, x: torch.Tensor, positions: torch.LongTensor | None,
+                vocab_slice: tuple[int, int] | None) -> torch.Tensor:
         if positions is not None:
             x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.model.transformer.ln_f(x)
@@ -281,6 +316,89 @@ class LLaDA(nn.Module):
             weight = weight[start:start + count]
             bias = None if bias is None else bias[start:start + count]
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+    def forward(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None = None,
+                positions: torch.LongTensor | None = None, vocab_slice: tuple[int, int] | None = None) -> torch.Tensor:
+        """fp32 logits. `positions` [B, N]: only those rows; `vocab_slice` (start, count): only those head rows.
+
+        The head runs in fp32 (an 8192 x d slice is cheap) so RL log-probs do not carry bf16 logit error.
+        """
+        return self._logits(self._blocks(input_ids, key_mask), positions, vocab_slice)
+
+    # --- Lumina-DiMOO's ML-Cache (max-logit cache) -----------------------------------------------------------
+    # Alpha-VLLM/Lumina-DiMOO @ 81344e60545ae8d70f11039d3450717d974f831b: model/modeling_llada.py
+    # (LLaDALlamaBlock.forward L911-940: per block and per 'cat' (cond / uncond) a cache of keys and values at every
+    # position, overwritten at the computed rows; LLaDAModel.forward L1244-1245: only the to_compute_mask rows enter
+    # the model; L1406-1413: a logit cache at every position, overwritten at the computed rows) and
+    # generators/image_generation_generator.py (which steps refresh everything, which rows are recomputed: see
+    # harness/sampling.py). Keys are kept after RoPE here (upstream keeps them before and rotates all L every
+    # step; RoPE is per position, so the attention inputs are the same).
+
+    @torch.no_grad()
+    def ml_cache_refresh(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None,
+                         positions: torch.LongTensor, vocab_slice: tuple[int, int]) -> tuple[torch.Tensor, "MLCacheState"]:
+        """A full forward (the same arithmetic as `forward`, so its slot logits equal forward's bit for bit) that
+        also returns the cache: every block's keys and values, and the head's `vocab_slice` rows at every position."""
+        kv: list = []
+        x = self._blocks(input_ids, key_mask, kv)
+        slot_logits = self._logits(x, positions, vocab_slice)
+        every = self._logits(x, None, vocab_slice)
+        every.scatter_(1, positions.unsqueeze(-1).expand(-1, -1, every.shape[-1]), slot_logits)
+        keys = [k.contiguous() for k, _ in kv]
+        values = [v.contiguous() for _, v in kv]
+        return slot_logits, MLCacheState(keys=keys, values=values, logits=every, positions=positions)
+
+    @torch.no_grad()
+    def ml_cache_step(self, input_ids: torch.LongTensor, key_mask: torch.BoolTensor | None,
+                      state: "MLCacheState", index: torch.LongTensor, vocab_slice: tuple[int, int]) -> torch.Tensor:
+        """A cached forward: only the positions `index` [B, C] go through the blocks (their current ids); their keys,
+        values and logits overwrite the cache's, every other position keeps its cached ones. Returns the slot
+        logits [B, N, K] from the (updated) logit cache."""
+        t = self.model.transformer
+        x = t.wte(input_ids.gather(1, index))
+        cos, sin = self._rope(input_ids.shape[1], x.device)
+        cos_rows, sin_rows = cos[index].unsqueeze(1), sin[index].unsqueeze(1)     # [B, 1, C, hd]
+        mask = self._attention_mask(key_mask)
+        for blk, keys, values in zip(t.blocks, state.keys, state.values):
+            x = blk.forward_rows(x, index, cos_rows, sin_rows, keys, values, mask)
+        rows = self._logits(x, None, vocab_slice)
+        state.logits.scatter_(1, index.unsqueeze(-1).expand(-1, -1, rows.shape[-1]), rows)
+        return state.logits.gather(1, state.positions.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))
+
+
+def ml_cache_count(length: int, compute_ratio: float) -> int:
+    """How many of `length` positions upstream recomputes at a cached step: those whose max logit is <=
+    torch.quantile(max logits, compute_ratio) (image_generation_generator.py L139-141), counted here on distinct
+    values with the same torch.quantile arithmetic (float32, linear interpolation), so ties aside it is upstream's."""
+    ranks = torch.arange(length, dtype=torch.float32)
+    return int((ranks <= torch.quantile(ranks, compute_ratio)).sum())
+
+
+@dataclass
+class MLCacheState:
+    """What the ML-Cache keeps between sampler steps for one batch of sequences (cond and uncond rows alike: each
+    row is its own sequence, as upstream's separate 'cond' / 'uncond' caches)."""
+    keys: list[torch.Tensor]        # per block [B, H_kv, L, hd], after RoPE
+    values: list[torch.Tensor]      # per block [B, H_kv, L, hd]
+    logits: torch.Tensor            # [B, L, K] fp32, the head's image-code rows at every position
+    positions: torch.LongTensor     # [B, N] where the slots are
+    counts: list[int] = field(default_factory=list)   # per row, how many real positions a cached step recomputes
+
+    def rows_to_compute(self, key_mask: torch.BoolTensor | None, counts: list[int]) -> torch.LongTensor:
+        """[B, C]: per row the counts[i] real positions with the lowest max logit (upstream's to_compute_mask, from
+        the logits of the step before), then pad positions of that row up to C = max(counts) (pads are masked keys:
+        recomputing them changes no real position)."""
+        conf = self.logits.max(dim=-1).values                                        # [B, L]
+        if key_mask is not None:
+            conf = conf.masked_fill(~key_mask, float("inf"))                         # pads sort last
+        order = conf.argsort(dim=1, stable=True)
+        width = max(counts)
+        b, length = conf.shape
+        real = (key_mask.sum(1) if key_mask is not None else torch.full((b,), length, device=conf.device))
+        j = torch.arange(width, device=conf.device)[None]
+        need = torch.tensor(counts, device=conf.device)[:, None]
+        pick = torch.where(j < need, j, real[:, None] + (j - need))                  # the row's pads after its reals
+        return order.gather(1, pick).sort(dim=1).values
 
 
 LAYOUT = "config.json (LLaDA keys: d_model, n_layers, n_heads, mlp_hidden_size, ...) and *.safetensors " \
@@ -345,6 +463,23 @@ class LLaDAImageBackbone:
     def image_logits(self, prompts, codes: torch.LongTensor) -> torch.Tensor:
         ids, key_mask, positions = self.build_inputs(prompts.to(self.device), codes)
         return self.module(ids, key_mask, positions, (self.CODE_OFFSET, self.CODEBOOK_SIZE))
+
+    @torch.no_grad()
+    def image_logits_ml_cache(self, prompts, codes: torch.LongTensor, state: MLCacheState | None, *,
+                              compute_ratio: float) -> tuple[torch.Tensor, MLCacheState]:
+        """image_logits under Lumina-DiMOO's ML-Cache: state None = a refresh (a full forward, equal to
+        image_logits, that fills the cache); else a cached forward of the rows the cache picks (per row the
+        ml_cache_count(real length, compute_ratio) positions of lowest max logit at the step before)."""
+        ids, key_mask, positions = self.build_inputs(prompts.to(self.device), codes)
+        vocab = (self.CODE_OFFSET, self.CODEBOOK_SIZE)
+        llada = self.llada
+        if state is None:
+            logits, state = llada.ml_cache_refresh(ids, key_mask, positions, vocab)
+            lengths = [ids.shape[1]] * ids.shape[0] if key_mask is None else key_mask.sum(1).tolist()
+            state.counts = [ml_cache_count(int(n), compute_ratio) for n in lengths]
+            return logits, state
+        index = state.rows_to_compute(key_mask, state.counts)
+        return llada.ml_cache_step(ids, key_mask, state, index, vocab), state
 
     def save(self, path, metadata: dict | None = None) -> None:
         from harness.backbones.lora import save_trainable
