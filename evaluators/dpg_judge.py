@@ -123,11 +123,20 @@ def _item_of(s: Sample, table: dict[str, dpg.DpgItem]) -> tuple[dpg.DpgItem | No
 
 
 def score_dpg(samples: list[Sample]) -> dict[str, dict]:
-    table = items()
     vqa = judge()
     folder = mplug.model_folder()
-    cache = AnswerCache(Path(os.environ.get(ANSWERS_ENV, "results/dpg_answers.sqlite")).expanduser(),
-                        judge_identity(folder))
+    return score_with_judge(
+        samples, lambda images, questions: vqa.answer_many(
+            [Image.fromarray(np.asarray(image, dtype=np.uint8)) for image in images], questions, exact=not fast_mode()),
+        judge_identity(folder))
+
+
+def score_with_judge(samples: list[Sample], answer_many, identity: str) -> dict[str, dict]:
+    """DPG records of tiles: each tile's questions (item looked up from its prompt), answers from the cache or
+    answer_many(images, questions per image) -> answers (with .text) per image, then the official tile rule.
+    `identity` keys the answer cache, so the answers of different judges never mix."""
+    table = items()
+    cache = AnswerCache(Path(os.environ.get(ANSWERS_ENV, "results/dpg_answers.sqlite")).expanduser(), identity)
     records: dict[str, dict] = {}
     try:
         for lo in range(0, len(samples), TILES_PER_CALL):
@@ -144,8 +153,7 @@ def score_dpg(samples: list[Sample]) -> dict[str, dict]:
                 if missing:
                     todo.append((s, h, missing))
             if todo:
-                found = vqa.answer_many([Image.fromarray(np.asarray(s.image, dtype=np.uint8)) for s, _, _ in todo],
-                                        [qs for _, _, qs in todo], exact=not fast_mode())
+                found = answer_many([s.image for s, _, _ in todo], [qs for _, _, qs in todo])
                 for (s, h, qs), answers in zip(todo, found):
                     new = dict(zip(qs, answers))
                     cache.put(h, new)

@@ -84,59 +84,14 @@ def check_dpg_official() -> None:
 
 
 def score_dpg_official(samples: list[Sample]) -> dict[str, dict]:
-    """dpg_judge.score_dpg's records (same item lookup, answer cache, official tile rule), answered by the worker.
-    The cache keys its answers by a judge identity of its own, so official and native answers never mix."""
-    from evaluators import dpg, dpg_judge, mplug
-    table = dpg_judge.items()
+    """dpg_judge's records (same item lookup, answer cache, official tile rule), answered by the worker. The cache
+    keys its answers by a judge identity of its own, so official and native answers never mix."""
+    from evaluators import dpg_judge, mplug
     folder = mplug.model_folder()
     judge = OfficialJudge(folder)
     identity = hashlib.sha256(f"dpg-official:{dpg_judge.judge_identity(folder)}:"
                               f"{envs.recipe('dpg-official').digest()}".encode()).hexdigest()
-    cache = dpg_judge.AnswerCache(Path(os.environ.get(dpg_judge.ANSWERS_ENV, "results/dpg_answers.sqlite"))
-                                  .expanduser(), identity)
-    records: dict[str, dict] = {}
-    try:
-        for lo in range(0, len(samples), dpg_judge.TILES_PER_CALL):
-            part = samples[lo:lo + dpg_judge.TILES_PER_CALL]
-            todo, texts = [], {}
-            for s in part:
-                item, _ = dpg_judge._item_of(s, table)
-                if item is None:
-                    continue
-                h = dpg_judge.image_hash(s.image)
-                questions = list(dict.fromkeys(item.questions.values()))
-                texts[s.key] = (h, cache.get(h, questions))
-                missing = [q for q in questions if q not in texts[s.key][1]]
-                if missing:
-                    todo.append((s, h, missing))
-            if todo:
-                found = judge.answer_many([s.image for s, _, _ in todo], [qs for _, _, qs in todo])
-                for (s, h, qs), answers in zip(todo, found):
-                    new = dict(zip(qs, answers))
-                    cache.put(h, new)
-                    texts[s.key][1].update({q: a.text for q, a in new.items()})
-            for s in part:
-                item, item_id = dpg_judge._item_of(s, table)
-                last = s.key.rsplit("/", 1)[-1]
-                record = {"item_id": item_id, "tile": int(last) if last.isdigit() else 0,
-                          "prompt": s.metadata.get("prompt", "")}
-                if item is None:
-                    record.update({"failed": f"no questions for item id {item_id!r} in dpg_bench.csv",
-                                   "answers": {}, "yes": {}, "score": None})
-                else:
-                    said = texts[s.key][1]
-                    answers = {qid: said[q] for qid, q in item.questions.items()}
-                    yes = {qid: dpg.answer_is_yes(t) for qid, t in answers.items()}
-                    try:
-                        score = dpg.score_tile(item, yes)[0]
-                    except dpg.MissingParentError:
-                        score = None
-                    record.update({"answers": {str(k): v for k, v in answers.items()},
-                                   "yes": {str(k): v for k, v in yes.items()}, "score": score})
-                records[s.key] = record
-    finally:
-        cache.close()
-    return records
+    return dpg_judge.score_with_judge(samples, judge.answer_many, identity)
 
 
 def _aggregate_dpg(records):
