@@ -22,6 +22,7 @@ image depends only on (checkpoint, prompt, seed, index), never on the batch it w
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -37,7 +38,7 @@ from PIL import Image
 from evaluators.base import Evaluator, Sample
 from evaluators.suites import (Suite, SuitePrompt, index_stride, load_suite, prompts_digest, sampler_for,
                                suite_prompts, suites_for_backbone)
-from harness import provenance, registry, sampling
+from harness import distributed, provenance, registry, sampling
 from harness.samples import images_from_codes
 from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, confined, sha256_file
 
@@ -163,7 +164,7 @@ def evaluate_checkpoints(source, suites, store, *, backbone: str = "tiny", out_r
                                method=ckpt.run.method() if ckpt else None,
                                train_seed=ckpt.run.train_seed() if ckpt else None)
             results.append(CheckpointScores(path, ckpt.step if ckpt else None, s.name, s.version, metrics))
-            if on_scores is not None:
+            if on_scores is not None and distributed.is_main():   # under torchrun: rank 0 reports
                 on_scores(results[-1])
     return results
 
@@ -209,20 +210,37 @@ def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike
                 "images_per_prompt": suite.images_per_prompt, "min_images_per_tag": suite.min_images_per_tag,
                 "evaluators": {e.name: e.version for e in evaluators}}
     label = {"checkpoint": str(checkpoint_path), "run": run, "step": step, "backbone": backbone.name, "method": method}
-    with store.evaluation_lock(suite.name, suite.version, checkpoint_hash, suite.seed, protocol):
-        done = _finished_metrics(store, suite, checkpoint_hash, protocol, label)
+    # Under torchrun (harness.distributed) every rank runs this function: rank 0 alone holds the store (store is
+    # None elsewhere) and writes the folder's protocol and metadata; the images still to draw and the records still
+    # to score are split across ranks in whole batches (no padding, no duplicates, the same batches and sample
+    # indices as one process); rank 0 stores every record. One process: on_main(fn) is fn().
+    main = distributed.is_main()
+    if not main:
+        progress = None
+    locked = store.evaluation_lock(suite.name, suite.version, checkpoint_hash, suite.seed, protocol) if main \
+        else contextlib.nullcontext()
+    with locked:
+        def open_evaluation():
+            done = _finished_metrics(store, suite, checkpoint_hash, protocol, label)
+            if done is not None:
+                return done, None
+            root = run_dir(out_root, images, checkpoint_hash, seed_override)
+            _prepare_folder(root, images, prompts, image_protocol)
+            world = {"world_size": distributed.world_size()} if distributed.active() else {}
+            eval_id = store.begin_evaluation(
+                suite.name, suite.version, str(checkpoint_path), suite.seed, protocol, checkpoint_hash=checkpoint_hash,
+                backbone=backbone.name, method=method, run=run, step=step, resume=True,
+                provenance=provenance.collect(suite=suite.name, suite_version=suite.version, sampler=_sampler_dict(cfg),
+                                              seeds={"seed": suite.seed, "index_stride": stride}, checkpoint=str(checkpoint_path),
+                                              checkpoint_hash=checkpoint_hash, images=str(root),
+                                              leaderboard=suite.leaderboard or suite.name,
+                                              **({"train_seed": int(train_seed)} if train_seed is not None else {}), **world))
+            return None, eval_id
+
+        done, eval_id = distributed.on_main(open_evaluation)
         if done is not None:
             return done
         root = run_dir(out_root, images, checkpoint_hash, seed_override)
-        _prepare_folder(root, images, prompts, image_protocol)
-        eval_id = store.begin_evaluation(
-            suite.name, suite.version, str(checkpoint_path), suite.seed, protocol, checkpoint_hash=checkpoint_hash,
-            backbone=backbone.name, method=method, run=run, step=step, resume=True,
-            provenance=provenance.collect(suite=suite.name, suite_version=suite.version, sampler=_sampler_dict(cfg),
-                                          seeds={"seed": suite.seed, "index_stride": stride}, checkpoint=str(checkpoint_path),
-                                          checkpoint_hash=checkpoint_hash, images=str(root),
-                                          leaderboard=suite.leaderboard or suite.name,
-                                          **({"train_seed": int(train_seed)} if train_seed is not None else {})))
         module = backbone.module
         was_training = module.training
         module.eval()
@@ -233,7 +251,8 @@ def evaluate(backbone, suite: Suite | str, *, checkpoint_path: str | os.PathLike
         refs = _expected_refs(root, suite, prompts)
         metrics = _score_and_store(refs, evaluators, store, eval_id, suite.seed, batch_size, progress,
                                    root / "results.jsonl" if suite.layout == "geneval" else None)
-        store.finish_evaluation(eval_id)
+        if main:
+            store.finish_evaluation(eval_id)
         return metrics
 
 
@@ -389,14 +408,22 @@ def _generate_missing(backbone, suite: Suite, prompts: list[SuitePrompt], root: 
                       batch_size: int, progress: Progress | None) -> int:
     """Draw every image whose file is missing, in batches, writing each file (or grid) as soon as it is whole."""
     from evaluators.dpg import make_grid
-    if suite.layout == "geneval":
-        todo = [(p, j) for p in prompts for j in range(p.n_images) if not _cached(_sample_path(root, p, j))]
-    else:
-        todo = [(p, j) for p in prompts if not _cached(_grid_path(root, p)) for j in range(p.n_images)]
+
+    def missing() -> list[tuple[int, int]]:
+        if suite.layout == "geneval":
+            return [(i, j) for i, p in enumerate(prompts) for j in range(p.n_images) if not _cached(_sample_path(root, p, j))]
+        return [(i, j) for i, p in enumerate(prompts) if not _cached(_grid_path(root, p)) for j in range(p.n_images)]
+
+    # under torchrun: rank 0 lists what is missing (before any rank writes), each rank draws a contiguous run of
+    # the batches one process would draw (same batches, same global sample indices: the same images)
+    todo = [(prompts[i], j) for i, j in distributed.on_main(missing)]
+    starts = list(range(0, len(todo), batch_size))
+    first, last = distributed.split_blocks(len(starts))
+    mine = starts[first:last]
     if progress:
         progress("generate", 0, len(todo))
     tiles: dict[str, dict[int, Image.Image]] = {}
-    for lo in range(0, len(todo), batch_size):
+    for lo in mine:
         chunk = todo[lo:lo + batch_size]
         prompt_batch = backbone.tokenize([p.metadata["prompt"] for p, _ in chunk])
         rollout = sampling.sample(backbone, prompt_batch, cfg, seed=suite.seed,
@@ -413,6 +440,19 @@ def _generate_missing(backbone, suite: Suite, prompts: list[SuitePrompt], root: 
                     atomic_write_bytes(_grid_path(root, p), _png_bytes(grid))
         if progress:
             progress("generate", min(lo + batch_size, len(todo)), len(todo))
+    if distributed.active():   # DPG grids whose tiles were drawn on two ranks: rank 0 writes them
+        left = distributed.all_gather_objects({pid: {j: np.asarray(im) for j, im in t.items()} for pid, t in tiles.items()})
+        if distributed.is_main():
+            by_id = {p.prompt_id: p for p in prompts}
+            merged: dict[str, dict[int, np.ndarray]] = {}
+            for part in left:
+                for pid, t in part.items():
+                    merged.setdefault(pid, {}).update(t)
+            for pid, t in merged.items():
+                if len(t) == by_id[pid].n_images:
+                    grid = make_grid([Image.fromarray(t[j]) for j in range(by_id[pid].n_images)])
+                    atomic_write_bytes(_grid_path(root, by_id[pid]), _png_bytes(grid))
+        distributed.barrier()   # every image is on disk before any rank scores
     return len(todo)
 
 
@@ -523,22 +563,42 @@ def _load_images(refs: list[ImageRef]) -> list[np.ndarray]:
 
 def _score_and_store(refs: list[ImageRef], evaluators: list[Evaluator], store, eval_id: int, seed: int,
                      batch_size: int, progress: Progress | None, results_path) -> dict[str, float]:
-    """Score the refs without a record (chunk by chunk, each chunk committed), then aggregate all of them."""
-    scored = {e.name: store.existing_keys(eval_id, e.name) for e in evaluators}
+    """Score the refs without a record (chunk by chunk, each chunk committed), then aggregate all of them.
+    Under torchrun (store on rank 0 only) the chunks go round-robin to the ranks, W chunks a round; each round's
+    records are gathered to rank 0 and stored in chunk order, so a killed run keeps every finished round."""
+    scored = distributed.on_main(lambda: {e.name: store.existing_keys(eval_id, e.name) for e in evaluators})
     todo = [r for r in refs if any(r.key not in scored[e.name] for e in evaluators)]
     chunk_size = max(batch_size, 16)
     if progress:
         progress("score", 0, len(todo))
-    for lo in range(0, len(todo), chunk_size):
-        chunk = todo[lo:lo + chunk_size]
-        samples = [Sample(key=r.key, metadata=r.metadata, image=im, prompt_index=r.prompt_index, seed=seed)
-                   for r, im in zip(chunk, _load_images(chunk))]
-        for e in evaluators:
-            missing = [s for s in samples if s.key not in scored[e.name]]
-            if missing:
-                store.add_records(eval_id, e.name, e.score(missing))
+    world, me = distributed.world_size(), distributed.rank()
+    starts = list(range(0, len(todo), chunk_size))
+    for round_lo in range(0, len(starts), world):
+        found: list[tuple[str, dict]] = []
+        if round_lo + me < len(starts):
+            lo = starts[round_lo + me]
+            chunk = todo[lo:lo + chunk_size]
+            samples = [Sample(key=r.key, metadata=r.metadata, image=im, prompt_index=r.prompt_index, seed=seed)
+                       for r, im in zip(chunk, _load_images(chunk))]
+            for e in evaluators:
+                missing = [s for s in samples if s.key not in scored[e.name]]
+                if missing:
+                    if world == 1:
+                        store.add_records(eval_id, e.name, e.score(missing))
+                    else:
+                        found.append((e.name, e.score(missing)))
+        if world > 1:
+            every = distributed.all_gather_objects(found)
+            if distributed.is_main():
+                for part in every:
+                    for name, records in part:
+                        store.add_records(eval_id, name, records)
         if progress:
-            progress("score", min(lo + chunk_size, len(todo)), len(todo))
+            progress("score", min(starts[min(round_lo + world, len(starts)) - 1] + chunk_size, len(todo)), len(todo))
+    return distributed.on_main(lambda: _aggregate(refs, evaluators, store, eval_id, results_path))
+
+
+def _aggregate(refs: list[ImageRef], evaluators: list[Evaluator], store, eval_id: int, results_path) -> dict[str, float]:
     metrics: dict[str, float] = {}
     wrote_results = False
     for e in evaluators:

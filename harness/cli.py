@@ -95,9 +95,10 @@ def clean_errors(fn: Callable) -> Callable:
             if os.environ.get("HARNESS_DEBUG") == "1":
                 raise
             known = _user_error(e)
+            from harness.distributed import rank_prefix   # "[rank r/W] " under torchrun, "" in one process
             if known is not None:
-                _fail(*known)
-            _fail(f"internal error (a bug, please report it): {type(e).__name__}: {e}; "
+                _fail(rank_prefix() + known[0], known[1])
+            _fail(f"{rank_prefix()}internal error (a bug, please report it): {type(e).__name__}: {e}; "
                   f"re-run with --debug for the traceback", 3)
     return wrapper
 
@@ -400,7 +401,11 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
         _fail(f"none of the suites of backbone {backbone!r} can run here (reasons above)", 1)
     suites = runnable
 
-    with ResultsStore(store) as results, _progress_bar() as bar:
+    from harness import distributed
+    if images is not None and distributed.launched_world_size() > 1:
+        raise UsageError("--images is scored in one process; run it without torchrun (--checkpoint and --run shard "
+                         "across processes)")
+    with distributed.session(), _opened_on_main(ResultsStore, store) as results, _progress_bar() as bar:
         if images is not None:
             for s in suites:
                 metrics = evaluate_images_dir(images, s, results, batch_size=batch_size,
@@ -420,6 +425,14 @@ def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated
                              progress_for=lambda label: _progress_callback(bar, label),
                              on_scores=lambda r: _print_metrics(f"{r.suite} v{r.suite_version}: {r.checkpoint}",
                                                                 r.metrics))
+
+
+def _opened_on_main(open_store, path):
+    """The results store on rank 0 of a torchrun job (or in one process); None on the other ranks, which draw and
+    score their share and hand the records to rank 0 (one SQLite writer)."""
+    import contextlib
+    from harness import distributed
+    return open_store(path) if distributed.is_main() else contextlib.nullcontext(None)
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -463,10 +476,12 @@ def train_cmd(config: Optional[Path] = typer.Option(None, help="training config 
     if resume is not None and run_dir is not None and run_dir.resolve() != resume.resolve():
         raise UsageError(f"--run-dir {run_dir} and --resume {resume} name different folders; give one")
     cli_train = _lazy("trainers.loop", "cli_train", "training")
-    result = cli_train(config=config, run_dir=run_dir, steps=steps, resume=resume, overrides=list(overrides or []))
+    from harness import distributed
+    with distributed.session():   # under torchrun / accelerate launch: the process group (docs/distributed.md)
+        result = cli_train(config=config, run_dir=run_dir, steps=steps, resume=resume, overrides=list(overrides or []))
     if isinstance(result, int):
         raise typer.Exit(result)
-    if result is not None:
+    if result is not None and os.environ.get("RANK", "0") == "0":   # under torchrun rank 0 speaks for the job
         typer.echo(f"run: {result}")
 
 

@@ -138,6 +138,13 @@ class CheckpointConfig(Strict):
     eval_store: str | None = None         # None: the default results store
 
 
+class DistributedConfig(Strict):
+    """Multi-process training under torchrun / accelerate launch (docs/distributed.md). auto = ddp: every rank holds
+    the model, takes whole prompt groups of each step, and the gradients are summed over ranks (LoRA, or a model
+    that fits one device). fsdp (FSDP2 fully_shard, full fine-tuning of 8B backbones) is not supported yet."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+
+
 class TrainConfig(Strict):
     name: str = "run"
     seed: int = Field(0, ge=0)
@@ -150,6 +157,7 @@ class TrainConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tensorboard: bool = True
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("name")
     @classmethod

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness import registry
+from harness import distributed, registry
 from harness.backbones.base import PromptBatch, mask_prompt_tokens, token_logprobs
 from harness.checkpoint import load_weights
 from harness.config import apply_overrides, dump_config, load_config, read_yaml, validate
@@ -81,6 +81,24 @@ class Trainer:
     reference: object | None          # frozen module for full fine-tuning; None with LoRA (adapter disabled)
     sampler: object
     ema: dict[str, torch.Tensor] | None = None   # moving average of the trainable weights (optim.ema_decay > 0)
+    ddp: torch.nn.Module | None = None           # under torchrun: DistributedDataParallel around backbone.module
+    strategy: str = "single"                     # "single" (one process) or the resolved distributed.strategy
+    last_codes: torch.Tensor | None = None       # the last step's rollout codes, all ranks' (what tests compare)
+
+    @contextlib.contextmanager
+    def update_forward(self, sync: bool = True):
+        """Forwards (and their backward) of an update: through the DDP wrapper under torchrun, gradients summed
+        over ranks at the backward of a sync pass only (no_sync for the others); the plain module otherwise."""
+        if self.ddp is None:
+            yield
+            return
+        live = self.backbone.module
+        self.backbone.module = self.ddp
+        try:
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                yield
+        finally:
+            self.backbone.module = live
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.backbone.module.named_parameters() if p.requires_grad}
@@ -205,6 +223,7 @@ def check_train_config(cfg: TrainConfig, for_training: bool = True) -> list[str]
             raise ValueError(f"reward: evaluator {name!r} has no reward field and cannot be used as a reward")
         if ev.check_ready is not None:
             machine(ev.check_ready, f"reward {name!r}")
+    distributed.resolve_strategy(cfg.distributed.strategy, cfg.backbone.lora is not None)   # fsdp: not yet
     if cfg.checkpoint.eval_suite:        # a wrong suite or a missing model file fails now, not at the first checkpoint
         from evaluators.run import resolve_evaluators
         suite = load_suite(cfg.checkpoint.eval_suite)
@@ -245,6 +264,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                  optimizer, scheduler, reference, sampler)
     if o.ema_decay > 0:
         tr.ema = {n: p.detach().clone() for n, p in tr.trainable().items()}
+    if distributed.active():   # under torchrun: whole prompt groups per rank, gradients summed by DDP
+        distributed.share(cfg.rollout.prompts_per_step, "rollout.prompts_per_step")
+        tr.strategy = distributed.resolve_strategy(cfg.distributed.strategy, cfg.backbone.lora is not None)
+        tr.ddp = distributed.wrap_ddp(backbone.module)
     return tr
 
 
@@ -260,9 +283,10 @@ def step_prompts(cfg: TrainConfig, step: int) -> list[dict]:
     return [sample_metadata(rng, cfg.rollout.split, cfg.rollout.tag_weights) for _ in range(cfg.rollout.prompts_per_step)]
 
 
-def to_samples(backbone, codes: torch.Tensor, metas: list[dict], step: int) -> list[Sample]:
+def to_samples(backbone, codes: torch.Tensor, metas: list[dict], step: int, first: int = 0) -> list[Sample]:
+    """Samples of rollouts first, first + 1, ... of a step (their global indices: one rank's block under torchrun)."""
     images = images_from_codes(backbone, codes)
-    return [Sample(key=f"{step}/{i}", metadata=m, image=im, prompt_index=i, codes=c)
+    return [Sample(key=f"{step}/{first + i}", metadata=m, image=im, prompt_index=first + i, codes=c)
             for i, (m, im, c) in enumerate(zip(metas, images, codes.detach().cpu().numpy()))]
 
 
@@ -278,45 +302,72 @@ def view_prompts(prompts: PromptBatch, view: View, text_mask_id: int) -> PromptB
 
 
 def train_step(tr: Trainer, step: int) -> dict:
+    """One training step. Under torchrun each rank draws, scores and trains on its block of whole prompt groups
+    (rollouts [lo, hi) of the step, drawn with their global sample indices); the rewards and the rollout trace
+    are gathered so that every rank computes the step's advantages and views exactly as one process does, the
+    loss of every rank is divided by the step's global token count, and DDP sums the gradients."""
     cfg, bb = tr.cfg, tr.backbone
     g = cfg.rollout.group_size
     t0 = time.time()
     metas = step_prompts(cfg, step)
     group_metas = [m for m in metas for _ in range(g)]
+    many = distributed.active()
+    p_lo, p_hi = distributed.share(len(metas), "rollout.prompts_per_step")   # (0, P) in one process
+    lo, hi = p_lo * g, p_hi * g
+    mine = group_metas[lo:hi]
     bb.module.eval()
     with torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=cfg.rollout.dtype == "bfloat16"):
-        rollout: Rollout = generate(bb, [m["prompt"] for m in group_metas], tr.sampler,
-                                    seed=derived_seed("rollout", cfg.seed, step), batch_size=cfg.rollout.batch_size)
+        rollout: Rollout = generate(bb, [m["prompt"] for m in mine], tr.sampler,
+                                    seed=derived_seed("rollout", cfg.seed, step), batch_size=cfg.rollout.batch_size,
+                                    start_index=lo)
     t_rollout = time.time() - t0
-    samples = to_samples(bb, rollout.codes, group_metas, step)
-    rewards, parts = tr.reward(samples)
+    samples = to_samples(bb, rollout.codes, mine, step, first=lo)
+    local_rewards, local_parts = tr.reward(samples)     # scored where the images are
+    rewards, parts = local_rewards, local_parts
+    if many:   # every rank gets the step's rewards, in global order
+        got = distributed.all_gather_objects((local_rewards, local_parts))
+        rewards = np.concatenate([r for r, _ in got])
+        parts = {name: np.concatenate([p[name] for _, p in got]) for name in local_parts}
     adv, zero_spread = group_advantages(rewards, g, cfg.loss.adv_eps)
+    adv = adv[lo:hi] if many else adv
     # per-token credit: ones (an image's tokens share its advantage) or localised on its objects
     credit = object_credit(samples, adv, cfg.loss.object_credit, bb.grid) if cfg.loss.object_credit > 1 \
         else torch.ones(rollout.codes.shape, dtype=torch.float32)
     adv, credit = adv.to(rollout.codes.device), credit.to(rollout.codes.device)
-    prompts = bb.tokenize([m["prompt"] for m in group_metas])
+    prompts = bb.tokenize([m["prompt"] for m in group_metas])   # the whole step's (views mask prompts batch-wide)
+
+    def rank_prompts(p: PromptBatch) -> PromptBatch:
+        return p.select(range(lo, hi)) if many else p
+
     codes = rollout.codes
     b = codes.shape[0]
     mb = chunks(b, cfg.loss.micro_batch)
 
-    trace = RolloutTrace(codes=codes, commit_step=rollout.commit_step, confidence=rollout.confidence, steps=tr.sampler.steps)
+    # the trace of the whole step on every rank: a method draws its views over all rollouts with one generator
+    trace = RolloutTrace(codes=distributed.gather_tensors(codes), commit_step=distributed.gather_tensors(rollout.commit_step),
+                         confidence=distributed.gather_tensors(rollout.confidence), steps=tr.sampler.steps)
+    tr.last_codes = trace.codes
     # pi_old, pi_ref and pi run at one precision, so the first inner iteration's ratio is still exactly 1
     amp = lambda: torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=cfg.loss.dtype == "bfloat16")
     with torch.no_grad(), amp():
         if tr.method.needs_masked_entropy(cfg.method):
             none = torch.zeros_like(codes, dtype=torch.bool)
-            trace.masked_entropy = torch.cat([token_logprobs(bb, prompts.select(range(s.start, s.stop)), codes[s], none[s],
-                                                             with_entropy=True).entropy for s in mb])
+            own = rank_prompts(prompts)
+            trace.masked_entropy = distributed.gather_tensors(torch.cat([
+                token_logprobs(bb, own.select(range(s.start, s.stop)), codes[s], none[s], with_entropy=True).entropy
+                for s in mb]))
         K = cfg.method.inner_iterations
-        views = [tr.method.views(cfg.method, trace, k, torch.Generator().manual_seed(derived_seed("views", cfg.seed, step, k)))
-                 for k in range(K)]
+        step_views = [tr.method.views(cfg.method, trace, k, torch.Generator().manual_seed(derived_seed("views", cfg.seed, step, k)))
+                      for k in range(K)]
+        # this rank's rows of each view (the views themselves in one process)
+        views = [[dataclasses.replace(v, visible=v.visible[lo:hi], in_loss=v.in_loss[lo:hi], weight=v.weight[lo:hi])
+                  for v in vs] for vs in step_views] if many else step_views
         # pi_old and pi_ref on exactly the inputs (and micro-batches) the updates will use
         old, ref = [], []
         for k in range(K):
             old.append([]), ref.append([])
             for v in views[k]:
-                vp = view_prompts(prompts, v, bb.text_mask_id)
+                vp = rank_prompts(view_prompts(prompts, v, bb.text_mask_id))
                 old[k].append([token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp for s in mb])
                 ref[k].append([tr.reference_logprobs(vp.select(range(s.start, s.stop)), codes[s], v.visible[s]) for s in mb])
 
@@ -327,22 +378,27 @@ def train_step(tr: Trainer, step: int) -> dict:
     tokens_seen, t1 = 0, time.time()
     for k in range(K):
         tr.optimizer.zero_grad(set_to_none=True)
-        n_tokens = sum(int(v.in_loss.sum()) for v in views[k])
+        # the step's token count (every rank holds the step's views): each rank's loss is its share of the mean
+        n_tokens = sum(int(v.in_loss.sum()) for v in step_views[k])
+        # the last pass of this rank's update sums the gradients over ranks (DDP); the others accumulate (no_sync)
+        passes = [(j, c) for j, v in enumerate(views[k]) for c, s in enumerate(mb) if v.in_loss[s].any()]
+        last = passes[-1] if passes else None
         total = 0.0
         for j, v in enumerate(views[k]):
-            vp = view_prompts(prompts, v, bb.text_mask_id)
+            vp = rank_prompts(view_prompts(prompts, v, bb.text_mask_id))
             view_loss = 0.0
             for c, s in enumerate(mb):
                 mask = v.in_loss[s]
                 if not mask.any():
                     continue
-                with amp():
-                    logp = token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp
-                adv_tok = adv[s, None] * v.weight[s] * credit[s]
-                per_tok, ratio, kl = clipped_token_loss(logp, old[k][j][c], ref[k][j][c], adv_tok, cfg.loss.clip_eps, cfg.loss.beta_kl,
-                                                        cfg.loss.kl_max_log_ratio)
-                loss = per_tok[mask].sum() / max(n_tokens, 1)
-                loss.backward()
+                with tr.update_forward(sync=(j, c) == last):
+                    with amp():
+                        logp = token_logprobs(bb, vp.select(range(s.start, s.stop)), codes[s], v.visible[s]).logp
+                    adv_tok = adv[s, None] * v.weight[s] * credit[s]
+                    per_tok, ratio, kl = clipped_token_loss(logp, old[k][j][c], ref[k][j][c], adv_tok, cfg.loss.clip_eps, cfg.loss.beta_kl,
+                                                            cfg.loss.kl_max_log_ratio)
+                    loss = per_tok[mask].sum() / max(n_tokens, 1)
+                    loss.backward()
                 view_loss += float(loss.detach())
                 r = ratio[mask].detach()
                 stats["ratio"].append(r)
@@ -353,6 +409,13 @@ def train_step(tr: Trainer, step: int) -> dict:
                 tokens_seen += int((s.stop - s.start) * codes.shape[1])
             stage_loss.setdefault(v.stage, []).append(view_loss)
             total += view_loss
+        if tr.ddp is not None and last is None:   # no token of this update here: join the gradient sum with zeros
+            v, s = views[k][0], mb[0]
+            with tr.update_forward(sync=True):
+                with amp():
+                    logp = token_logprobs(bb, rank_prompts(view_prompts(prompts, v, bb.text_mask_id)).select(range(s.start, s.stop)),
+                                          codes[s], v.visible[s]).logp
+                (logp.sum() * 0.0).backward()
         params = [p for p in bb.module.parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
         stats["grad_norm"].append(float(gn))
@@ -362,19 +425,36 @@ def train_step(tr: Trainer, step: int) -> dict:
     t_train = time.time() - t1
     ratio = torch.cat(stats["ratio"]) if stats["ratio"] else torch.ones(1)
     first = torch.cat(stats["ratio_first"]) if stats["ratio_first"] else torch.ones(1)
+    clip = torch.cat(stats["clip"]) if stats["clip"] else None
+    kls = {stage: torch.cat(ts) for stage, ts in stage_kl.items()}
+    n_rollouts = b
+    if many:   # the log line of the whole step (rank order; equal to one process's up to float reduction order)
+        mine_stats = {"ratio": ratio if stats["ratio"] else None, "first": first if stats["ratio_first"] else None,
+                      "clip": clip, "kl": kls, "loss": stage_loss, "tokens": tokens_seen}
+        every = distributed.all_gather_objects(_cpu(mine_stats))
+        cat = lambda key: [x[key] for x in every if x[key] is not None]
+        ratio = torch.cat(cat("ratio")) if cat("ratio") else torch.ones(1)
+        first = torch.cat(cat("first")) if cat("first") else torch.ones(1)
+        clip = torch.cat(cat("clip")) if cat("clip") else None
+        kls = {stage: torch.cat([x["kl"][stage] for x in every if stage in x["kl"]])
+               for stage in dict.fromkeys(st for x in every for st in x["kl"])}
+        stage_loss = {stage: [float(sum(vals)) for vals in zip(*(x["loss"][stage] for x in every))] for stage in stage_loss}
+        tokens_seen = sum(x["tokens"] for x in every)
+        t_rollout, t_train = distributed.all_reduce_max([t_rollout, t_train])
+        n_rollouts = len(group_metas)
     out = {
         "step": step + 1,
         "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
         "zero_spread_frac": float(zero_spread.float().mean()),
         "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
         "ratio_first_iter_max_dev": float((first - 1).abs().max()),
-        "clip_frac": float(torch.cat(stats["clip"]).mean()) if stats["clip"] else 0.0,
-        "kl": float(torch.cat([t for kls in stage_kl.values() for t in kls]).mean()) if stage_kl else 0.0,
+        "clip_frac": float(clip.mean()) if clip is not None else 0.0,
+        "kl": float(torch.cat(list(kls.values())).mean()) if kls else 0.0,
         "grad_norm": float(np.mean(stats["grad_norm"])),
         "lr": tr.scheduler.get_last_lr()[0],
         "rollout_s": t_rollout, "train_s": t_train, "step_s": time.time() - t0,
-        "rollouts_per_s": b / max(t_rollout, 1e-9), "train_tokens_per_s": tokens_seen / max(t_train, 1e-9),
-        "forward_passes_per_update": sum(len(v) for v in views) / K,
+        "rollouts_per_s": n_rollouts / max(t_rollout, 1e-9), "train_tokens_per_s": tokens_seen / max(t_train, 1e-9),
+        "forward_passes_per_update": sum(len(v) for v in step_views) / K,
     }
     for name, v in parts.items():
         out[f"reward/{name}"] = float(np.mean(v))
@@ -382,11 +462,22 @@ def train_step(tr: Trainer, step: int) -> dict:
         out[f"reward_by_tag/{tag}"] = float(np.mean([r for r, m in zip(rewards, group_metas) if m.get("tag") == tag]))
     for stage, losses in stage_loss.items():
         out[f"loss/{stage}"] = float(np.mean(losses))
-    if len(stage_kl) > 1:
-        for stage, kls in stage_kl.items():
-            out[f"kl/{stage}"] = float(torch.cat(kls).mean())
+    if len(kls) > 1:
+        for stage, t in kls.items():
+            out[f"kl/{stage}"] = float(t.mean())
     out["loss"] = float(sum(np.sum(v) for v in stage_loss.values()) / K)
     return out
+
+
+def _cpu(obj):
+    """Tensors of a nested dict / list on the CPU (what is gathered between ranks)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -411,6 +502,7 @@ def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None
             tr.backbone.save(tmp / ADAPTER_FILE, meta)
     state = {"format": TRAINER_STATE_FORMAT, "step": step, "weights_sha256": sha256_file(weights_file(tmp)),
              "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
+             "world_size": distributed.world_size(), "strategy": tr.strategy,   # provenance (resume at any world size)
              **rng_state()}
     if tr.ema is not None:
         state["live_weights"] = {n: p.detach().clone() for n, p in tr.trainable().items()}
@@ -514,7 +606,9 @@ def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path) -> dict[str, float]
         return {}
     from evaluators.run import evaluate_checkpoints
     from harness.store import ResultsStore
-    with ResultsStore(tr.cfg.checkpoint.eval_store) as store, tr.averaged_weights():   # the weights ckpt holds
+    # under torchrun every rank draws and scores its share; rank 0 alone opens the store (one SQLite writer)
+    opened = ResultsStore(tr.cfg.checkpoint.eval_store) if distributed.is_main() else contextlib.nullcontext()
+    with opened as store, tr.averaged_weights():   # the weights ckpt holds
         [scores] = evaluate_checkpoints(ckpt, suite, store, backbone=tr.backbone.name, loaded=tr.backbone,
                                         out_root=RunDir(run_dir).eval_images, batch_size=tr.cfg.rollout.batch_size)
     return {f"eval/{suite}/{k}": v for k, v in scores.metrics.items()}
@@ -535,28 +629,37 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         raise FileExistsError(f"{run_dir} already holds a run (checkpoints or metrics.jsonl); use "
                               f"`harness train --resume {run_dir}` or choose another --run-dir")
     tr = build_trainer(cfg)
-    prepare_run_folder(run_dir)
+    # under torchrun every rank trains; rank 0 alone writes the run folder (metrics, TensorBoard, checkpoints)
+    main = distributed.is_main()
+    if not main:
+        log = lambda *args, **kwargs: None
+    distributed.on_main(lambda: prepare_run_folder(run_dir))
     if resume:
         ckpts = checkpoint_dirs(run_dir)
         if ckpts:
             start = load_checkpoint(tr, ckpts[-1])
         # drop log lines of steps after the checkpoint (a kill -9 can leave them); they will be redone
         kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start] if metrics_path.exists() else []
+        rewrite = metrics_path.exists()
+        distributed.barrier()    # every rank has read the folder before rank 0 rewrites it
         # a kill between the checkpoint and its log line: restore the line from the checkpoint, re-score it
         if ckpts and start and not any(r.get("step") == start for r in kept) and (ckpts[-1] / LOG_LINE_FILE).exists():
             line = json.loads((ckpts[-1] / LOG_LINE_FILE).read_text())
             line.update(score_checkpoint(tr, run_dir, ckpts[-1]))
             kept.append(line)
             restored = line
-        if metrics_path.exists() or kept:
+        if main and (rewrite or kept):
             atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         log(f"resuming {run_dir} at step {start}")
+    if distributed.active():
+        log(f"{distributed.world_size()} processes, strategy {tr.strategy}: rank r trains prompt groups "
+            f"[r * {cfg.rollout.prompts_per_step // distributed.world_size()}, ...) of each step")
     config_text = dump_config(cfg)
     config_path = run.config_path
-    if not config_path.is_file() or config_path.read_text() != config_text:   # resume rewrites it only for --steps
+    if main and (not config_path.is_file() or config_path.read_text() != config_text):   # resume: only --steps changes it
         atomic_write_text(config_path, config_text)
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops older events from that step on: steps after the checkpoint, and the checkpoint's own
         # step when its line is restored (rewritten just below)
@@ -568,9 +671,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         m = train_step(tr, step)
         done = step + 1
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
-            ckpt = save_checkpoint(tr, run_dir, done, log_line=m)
+            ckpt = distributed.on_main(lambda: save_checkpoint(tr, run_dir, done, log_line=m))   # then every rank sees it
             m.update(score_checkpoint(tr, run_dir, ckpt))
-        append_jsonl(metrics_path, m)
+        if main:
+            append_jsonl(metrics_path, m)
         if writer is not None:
             write_scalars(writer, m, done)
         log(format_metrics(m))
@@ -628,6 +732,8 @@ def cli_train(config: str | None = None, run_dir: str | None = None, steps: int 
               resume: str | None = None, overrides: list[str] | None = None, log=print) -> Path:
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if not distributed.is_main():   # under torchrun rank 0 speaks for the job
+        log = lambda *args, **kwargs: None
     if resume:
         return train(resumed_config(Path(resume), config, steps, overrides or [], log), resume, resume=True, log=log)
     if config is None:
