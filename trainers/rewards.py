@@ -2,15 +2,69 @@
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numpy as np
+import torch
 
 from evaluators.base import Sample
 from harness import registry
 
 
-def build_reward(weights: dict[str, float]):
-    """{evaluator name: weight} -> fn(samples) -> np.ndarray of rewards. Fails early on unusable names."""
+DEFAULT_TIMEOUT_S = 900.0   # one scorer call on one step's images; a hung scorer fails the run after this
+DEFAULT_TRIES = 2
+
+
+def _env_number(key: str, default: float, cast=float):
+    raw = os.environ.get(key)
+    if raw is None:
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"{key}={raw!r} is not a number") from None
+
+
+def call_with_timeout(fn, timeout_s: float, tries: int, what: str):
+    """fn() with at most `tries` attempts of `timeout_s` seconds each (timeout_s <= 0: fn() directly, no limit).
+
+    A scorer that hangs (a stuck worker, a dead remote judge) must not hang the run, nor, under torchrun, the
+    other ranks waiting for this rank's rewards. Python cannot kill a thread, so a timed-out attempt is left
+    running in a daemon thread and a fresh attempt is made; an error raised by fn is not retried (it is not a
+    hang). The grad mode of the caller is carried into the thread (it is thread-local in torch)."""
+    if timeout_s <= 0:
+        return fn()
+    grad = torch.is_grad_enabled()
+    for attempt in range(1, tries + 1):
+        box: dict = {}
+
+        def run():
+            try:
+                with torch.set_grad_enabled(grad):
+                    box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
+                box["error"] = e
+
+        worker = threading.Thread(target=run, name=f"reward-{what}-{attempt}", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if "error" in box:
+            raise box["error"]
+        if "value" in box:
+            return box["value"]
+    raise TimeoutError(f"reward {what!r} gave no scores within {timeout_s:g} s, {tries} tries; stopping (a slow "
+                       f"scorer may need a longer limit: HARNESS_REWARD_TIMEOUT_S, HARNESS_REWARD_TRIES)")
+
+
+def build_reward(weights: dict[str, float], timeout_s: float | None = None, tries: int | None = None):
+    """{evaluator name: weight} -> fn(samples) -> np.ndarray of rewards. Fails early on unusable names.
+    Each scorer call is bounded by timeout_s seconds and retried up to `tries` times when it hangs (defaults:
+    HARNESS_REWARD_TIMEOUT_S or 900 s, HARNESS_REWARD_TRIES or 2; a timeout of 0 turns the limit off)."""
+    timeout_s = _env_number("HARNESS_REWARD_TIMEOUT_S", DEFAULT_TIMEOUT_S) if timeout_s is None else timeout_s
+    tries = _env_number("HARNESS_REWARD_TRIES", DEFAULT_TRIES, int) if tries is None else tries
+    if tries < 1:
+        raise ValueError(f"HARNESS_REWARD_TRIES must be at least 1, not {tries}")
     if not weights:
         raise ValueError("reward must name at least one evaluator, e.g. {shapes-geneval: 1.0}")
     evaluators = []
@@ -26,7 +80,7 @@ def build_reward(weights: dict[str, float]):
         total = np.zeros(len(samples))
         parts = {}
         for name, w, ev in evaluators:
-            records = ev.score(samples)
+            records = call_with_timeout(lambda: ev.score(samples), timeout_s, tries, name)
             values = []
             for s in samples:
                 rec = records.get(s.key)
