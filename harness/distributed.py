@@ -104,13 +104,17 @@ def session():
 
 
 def resolve_strategy(strategy: str, lora: bool) -> str:
-    """auto -> ddp (replicas with summed gradients; LoRA and models that fit one device). fsdp is not built yet."""
+    """The strategy a multi-process run uses. auto -> ddp always: replicas with summed gradients, the path that
+    equals one process for LoRA and for models that fit one device; a full fine-tuning too large for one device
+    asks for fsdp explicitly (auto never changes how a run trains behind the user's back). fsdp = FSDP2
+    fully_shard for full fine-tuning; with LoRA it is refused (the adapter is small and the frozen base would be
+    all-gathered in every forward for nothing: use ddp)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed.strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-    if strategy == "fsdp":
-        raise ValueError("distributed.strategy: fsdp (FSDP2 fully_shard for full fine-tuning of 8B backbones) is "
-                         "not supported yet; use ddp (LoRA, or full fine-tuning of a model that fits one device)")
-    return "ddp"
+    if strategy == "fsdp" and lora:
+        raise ValueError("distributed.strategy: fsdp shards full fine-tuning only; with backbone.lora use ddp "
+                         "(or auto)")
+    return "ddp" if strategy == "auto" else strategy
 
 
 # --- who does what ----------------------------------------------------------------------------------------------
@@ -227,3 +231,95 @@ def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
         ddp = DDP(module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     ddp.register_comm_hook(None, _sum_hook)
     return ddp
+
+
+# --- FSDP2 (distributed.strategy: fsdp) ---------------------------------------------------------------------------
+
+# methods other than forward that run a backbone's weights (LLaDA's ML-Cache sampler and hidden states; a block's
+# cached row forward): FSDP2 all-gathers around forward only, unless a method is registered
+ROOT_FORWARD_METHODS = ("hidden_states", "ml_cache_refresh", "ml_cache_step")
+BLOCK_FORWARD_METHODS = ("forward_rows",)
+
+
+def wrap_fsdp(module: torch.nn.Module) -> torch.nn.Module:
+    """torch's FSDP2 fully_shard over all ranks, in place: each transformer block (every element of the model's
+    nn.ModuleLists) is one unit, then the root (embeddings, final norm, head). Gradients are reduce-scattered as
+    a SUM: each rank's loss is already divided by the global token count, so the sum is the one-process gradient
+    (FSDP2 averages by default). Build the optimizer after this: it must hold the shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    device = next(module.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
+    blocks = [b for lst in module.modules() if isinstance(lst, torch.nn.ModuleList) for b in lst]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+        for name in BLOCK_FORWARD_METHODS:
+            if hasattr(block, name):
+                register_fsdp_forward_method(block, name)
+    fully_shard(module, mesh=mesh)
+    for name in ROOT_FORWARD_METHODS:
+        if hasattr(module, name):
+            register_fsdp_forward_method(module, name)
+    for unit in module.modules():   # the settings are per unit (not recursive)
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)   # a plain SUM: gloo has no PREMUL_SUM; factor 1 skips the divide
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (e.g. clip_grad_norm_'s global norm over sharded gradients) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective (every rank calls it): the full tensors of a sharded module under their usual names, on rank 0's
+    CPU; {} on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(module, options=_full_options(cpu_offload=True))
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Every rank passes the same full tensors; each keeps its shard (a scatter per tensor, in key order: sorted
+    here, since safetensors' load orders keys differently in each process)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    ordered = {k: state[k] for k in sorted(state)}
+    set_model_state_dict(module, ordered, options=_full_options(strict=strict))
+
+
+def _optimizer_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter in the optimizer's order (the numbering of torch.optim's state_dict)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Collective: the optimizer state of a sharded module with full tensors, in torch.optim's own layout
+    (parameters numbered in optimizer order), which is what one process saves, so a checkpoint resumes at any
+    world size. On rank 0's CPU; {} on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    by_name = get_optimizer_state_dict(module, optimizer, options=_full_options(cpu_offload=True))
+    if not by_name:
+        return {}
+    index = {n: i for i, n in enumerate(_optimizer_names(module, optimizer))}
+    return {"state": {index[n]: s for n, s in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def load_full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of full_optimizer_state (any world size wrote it): every rank passes it, each keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    names = _optimizer_names(module, optimizer)
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(module, optimizer, by_name, options=_full_options())

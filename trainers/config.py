@@ -141,7 +141,9 @@ class CheckpointConfig(Strict):
 class DistributedConfig(Strict):
     """Multi-process training under torchrun / accelerate launch (docs/distributed.md). auto = ddp: every rank holds
     the model, takes whole prompt groups of each step, and the gradients are summed over ranks (LoRA, or a model
-    that fits one device). fsdp (FSDP2 fully_shard, full fine-tuning of 8B backbones) is not supported yet."""
+    that fits one device). fsdp: FSDP2 fully_shard (each block, then the root; the KL reference sharded the same
+    way) for full fine-tuning too large for one device; not with backbone.lora. Checkpoints hold full tensors in the
+    one-process format under either, so a run resumes at any world size and strategy."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
 
 

@@ -78,11 +78,12 @@ class Trainer:
     reward: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    reference: object | None          # frozen module for full fine-tuning; None with LoRA (adapter disabled)
+    reference: object | None          # frozen module for full fine-tuning (sharded too under fsdp); None with LoRA
     sampler: object
     ema: dict[str, torch.Tensor] | None = None   # moving average of the trainable weights (optim.ema_decay > 0)
     ddp: torch.nn.Module | None = None           # under torchrun: DistributedDataParallel around backbone.module
     strategy: str = "single"                     # "single" (one process) or the resolved distributed.strategy
+                                                 # (fsdp: backbone.module and reference are FSDP2-sharded in place)
     last_codes: torch.Tensor | None = None       # the last step's rollout codes, all ranks' (what tests compare)
 
     @contextlib.contextmanager
@@ -127,6 +128,21 @@ class Trainer:
                 for n, p in params.items():
                     p.copy_(live[n])
 
+    @contextlib.contextmanager
+    def weights_to_save(self, full: dict | None):
+        """backbone.module as backbone.save must see it: the EMA weights when kept; under fsdp a stand-in holding
+        the full tensors gathered from the ranks (gather_full_state), so the file is the one a single process writes."""
+        if full is None:
+            with self.averaged_weights():
+                yield
+            return
+        live = self.backbone.module
+        self.backbone.module = GatheredWeights(full["weights"], live)
+        try:
+            yield
+        finally:
+            self.backbone.module = live
+
     def reference_logprobs(self, prompts, codes, visible):
         if self.cfg.loss.beta_kl <= 0:
             return None
@@ -139,6 +155,22 @@ class Trainer:
             return token_logprobs(self.backbone, prompts, codes, visible).logp
         finally:
             self.backbone.module = live
+
+
+class GatheredWeights:
+    """Stands in for an FSDP-sharded module while backbone.save writes it: state_dict() and named_parameters() give
+    the gathered full tensors under the module's names, with its trainable set (save_trainable keeps only those)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], module: torch.nn.Module):
+        self._state = state
+        self._trainable = {n: p.requires_grad for n, p in module.named_parameters()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._state)
+
+    def named_parameters(self):
+        for n, trainable in self._trainable.items():
+            yield n, torch.nn.Parameter(self._state[n], requires_grad=trainable)
 
 
 def lr_factor(o, step: int, total_steps: int) -> float:
@@ -223,7 +255,7 @@ def check_train_config(cfg: TrainConfig, for_training: bool = True) -> list[str]
             raise ValueError(f"reward: evaluator {name!r} has no reward field and cannot be used as a reward")
         if ev.check_ready is not None:
             machine(ev.check_ready, f"reward {name!r}")
-    distributed.resolve_strategy(cfg.distributed.strategy, cfg.backbone.lora is not None)   # fsdp: not yet
+    distributed.resolve_strategy(cfg.distributed.strategy, cfg.backbone.lora is not None)   # fsdp + LoRA: an error
     if cfg.checkpoint.eval_suite:        # a wrong suite or a missing model file fails now, not at the first checkpoint
         from evaluators.run import resolve_evaluators
         suite = load_suite(cfg.checkpoint.eval_suite)
@@ -253,6 +285,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         reference = copy.deepcopy(backbone.module).eval().requires_grad_(False)
     if cfg.backbone.gradient_checkpointing and hasattr(backbone.module, "gradient_checkpointing_enable"):
         backbone.module.gradient_checkpointing_enable()
+    strategy = distributed.resolve_strategy(cfg.distributed.strategy, cfg.backbone.lora is not None) \
+        if distributed.active() else "single"
+    if strategy == "fsdp":   # before the optimizer and the EMA are made: they hold this rank's shards
+        distributed.wrap_fsdp(backbone.module)
+        if reference is not None:
+            distributed.wrap_fsdp(reference)
     params = [p for p in backbone.module.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -264,10 +302,11 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                  optimizer, scheduler, reference, sampler)
     if o.ema_decay > 0:
         tr.ema = {n: p.detach().clone() for n, p in tr.trainable().items()}
-    if distributed.active():   # under torchrun: whole prompt groups per rank, gradients summed by DDP
+    if distributed.active():   # under torchrun: whole prompt groups per rank, gradients summed by DDP or FSDP
         distributed.share(cfg.rollout.prompts_per_step, "rollout.prompts_per_step")
-        tr.strategy = distributed.resolve_strategy(cfg.distributed.strategy, cfg.backbone.lora is not None)
-        tr.ddp = distributed.wrap_ddp(backbone.module)
+        tr.strategy = strategy
+        if strategy == "ddp":
+            tr.ddp = distributed.wrap_ddp(backbone.module)
     return tr
 
 
@@ -305,7 +344,7 @@ def train_step(tr: Trainer, step: int) -> dict:
     """One training step. Under torchrun each rank draws, scores and trains on its block of whole prompt groups
     (rollouts [lo, hi) of the step, drawn with their global sample indices); the rewards and the rollout trace
     are gathered so that every rank computes the step's advantages and views exactly as one process does, the
-    loss of every rank is divided by the step's global token count, and DDP sums the gradients."""
+    loss of every rank is divided by the step's global token count, and DDP (or FSDP) sums the gradients."""
     cfg, bb = tr.cfg, tr.backbone
     g = cfg.rollout.group_size
     t0 = time.time()
@@ -389,7 +428,10 @@ def train_step(tr: Trainer, step: int) -> dict:
             view_loss = 0.0
             for c, s in enumerate(mb):
                 mask = v.in_loss[s]
-                if not mask.any():
+                # FSDP all-gathers the weights in every forward, so each rank runs every pass (an empty one adds
+                # zero gradients); FSDP reduce-scatters at each backward into sharded gradients (no no_sync: the
+                # unsharded gradients of every micro-batch would stay in memory)
+                if not mask.any() and tr.strategy != "fsdp":
                     continue
                 with tr.update_forward(sync=(j, c) == last):
                     with amp():
@@ -400,6 +442,8 @@ def train_step(tr: Trainer, step: int) -> dict:
                     loss = per_tok[mask].sum() / max(n_tokens, 1)
                     loss.backward()
                 view_loss += float(loss.detach())
+                if not mask.any():
+                    continue
                 r = ratio[mask].detach()
                 stats["ratio"].append(r)
                 stats["clip"].append(((r < 1 - cfg.loss.clip_eps) | (r > 1 + cfg.loss.clip_eps)).float())
@@ -418,7 +462,7 @@ def train_step(tr: Trainer, step: int) -> dict:
                 (logp.sum() * 0.0).backward()
         params = [p for p in bb.module.parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-        stats["grad_norm"].append(float(gn))
+        stats["grad_norm"].append(float(distributed.local_value(gn)))   # fsdp: the global norm, replicated
         tr.optimizer.step()
         tr.scheduler.step()
     tr.update_ema()
@@ -486,26 +530,46 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return [c.path for c in RunDir(run_dir).checkpoints()]
 
 
-def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None = None) -> Path:
+def gather_full_state(tr: Trainer) -> dict | None:
+    """Under fsdp, on every rank (collectives): what a checkpoint holds with full tensors, on rank 0's CPU (empty
+    elsewhere): the weights it saves (the EMA when kept), the live weights (with EMA) and the optimizer state in
+    torch.optim's layout. None otherwise (save_checkpoint reads the module itself)."""
+    if tr.strategy != "fsdp":
+        return None
+    module = tr.backbone.module
+    with tr.averaged_weights():
+        full = {"weights": distributed.full_state_dict(module)}
+    full["optimizer"] = distributed.full_optimizer_state(module, tr.optimizer)
+    if tr.ema is not None:
+        live = distributed.full_state_dict(module)
+        full["live_weights"] = {n: live[n] for n in tr.trainable()} if live else {}
+    return full
+
+
+def save_checkpoint(tr: Trainer, run_dir: Path, step: int, log_line: dict | None = None,
+                    full: dict | None = None) -> Path:
     """Write checkpoints/step_XXXXXX/ atomically: build it in a temp dir, then rename. `log_line` (the step's
-    metrics) is kept beside the weights, so a kill before it reaches metrics.jsonl loses nothing."""
+    metrics) is kept beside the weights, so a kill before it reaches metrics.jsonl loses nothing. Under fsdp,
+    `full` is gather_full_state's result (gathered on every rank; rank 0 alone calls this)."""
     final = RunDir(run_dir).checkpoint_path(step)
     tmp = RunDir(run_dir).temporary_checkpoint_path(step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = {"backbone": tr.cfg.backbone.name, "step": str(step), "method": tr.cfg.method.name, "run": str(run_dir)}
-    with tr.averaged_weights():   # with EMA the saved model is the average; the live weights go in the state
+    with tr.weights_to_save(full):   # with EMA the saved model is the average; the live weights go in the state
         if tr.cfg.backbone.name == "tiny" and tr.cfg.backbone.lora is None:
             tr.backbone.save(tmp / MODEL_FILE, {"step": step, "method": tr.cfg.method.name,
                                                          **({"ema_decay": tr.cfg.optim.ema_decay} if tr.ema else {})})
         else:   # the adapter writes its LoRA settings beside the weights so load_mmada(dir, lora=file) can rebuild it
             tr.backbone.save(tmp / ADAPTER_FILE, meta)
     state = {"format": TRAINER_STATE_FORMAT, "step": step, "weights_sha256": sha256_file(weights_file(tmp)),
-             "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
+             "optimizer": tr.optimizer.state_dict() if full is None else full["optimizer"],
+             "scheduler": tr.scheduler.state_dict(),
              "world_size": distributed.world_size(), "strategy": tr.strategy,   # provenance (resume at any world size)
              **rng_state()}
     if tr.ema is not None:
-        state["live_weights"] = {n: p.detach().clone() for n, p in tr.trainable().items()}
+        state["live_weights"] = {n: p.detach().clone() for n, p in tr.trainable().items()} if full is None \
+            else full["live_weights"]
     torch.save(state, tmp / TRAINER_STATE_FILE)   # plain containers of tensors and numbers: loads with weights_only
     atomic_write_text(tmp / CONFIG_FILE, dump_config(tr.cfg))
     if log_line is not None:
@@ -578,7 +642,10 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
                          f"differs from {TRAINER_STATE_FILE}'s); restore the original file or resume from another "
                          f"checkpoint")
     weights, _ = load_weights(weights_path)
-    if weights_path.name == MODEL_FILE:
+    fsdp = tr.strategy == "fsdp"   # the files hold full tensors (any world size wrote them); each rank keeps its shards
+    if fsdp:
+        distributed.load_full_state_dict(tr.backbone.module, weights, strict=weights_path.name == MODEL_FILE)
+    elif weights_path.name == MODEL_FILE:
         tr.backbone.module.load_state_dict(weights)
     else:
         from peft import set_peft_model_state_dict
@@ -588,12 +655,18 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
             raise ValueError(f"checkpoint {ckpt} was written without optim.ema_decay; resume it with the same setting")
         params = tr.trainable()
         tr.ema = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state["live_weights"][n])
+        if fsdp:
+            distributed.load_full_state_dict(tr.backbone.module, state["live_weights"], strict=False)
+        else:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(state["live_weights"][n])
     elif "live_weights" in state:
         raise ValueError(f"checkpoint {ckpt} holds EMA weights (optim.ema_decay > 0); resume it with the same setting")
-    tr.optimizer.load_state_dict(state["optimizer"])
+    if fsdp:
+        distributed.load_full_optimizer_state(tr.backbone.module, tr.optimizer, state["optimizer"])
+    else:
+        tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state)
     return int(state["step"])
@@ -608,9 +681,13 @@ def score_checkpoint(tr: Trainer, run_dir: Path, ckpt: Path) -> dict[str, float]
     from harness.store import ResultsStore
     # under torchrun every rank draws and scores its share; rank 0 alone opens the store (one SQLite writer)
     opened = ResultsStore(tr.cfg.checkpoint.eval_store) if distributed.is_main() else contextlib.nullcontext()
-    with opened as store, tr.averaged_weights():   # the weights ckpt holds
-        [scores] = evaluate_checkpoints(ckpt, suite, store, backbone=tr.backbone.name, loaded=tr.backbone,
-                                        out_root=RunDir(run_dir).eval_images, batch_size=tr.cfg.rollout.batch_size)
+    # fsdp: the ranks draw different numbers of batches, and a sharded forward is a collective, so every rank
+    # scores an unsharded copy loaded from the checkpoint just written (as `harness eval` would)
+    loaded = None if tr.strategy == "fsdp" else tr.backbone
+    with opened as store, tr.averaged_weights() if loaded is not None else contextlib.nullcontext():   # the weights ckpt holds
+        [scores] = evaluate_checkpoints(ckpt, suite, store, backbone=tr.backbone.name, loaded=loaded,
+                                        device=tr.cfg.backbone.device, out_root=RunDir(run_dir).eval_images,
+                                        batch_size=tr.cfg.rollout.batch_size)
     return {f"eval/{suite}/{k}": v for k, v in scores.metrics.items()}
 
 
@@ -671,7 +748,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print
         m = train_step(tr, step)
         done = step + 1
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
-            ckpt = distributed.on_main(lambda: save_checkpoint(tr, run_dir, done, log_line=m))   # then every rank sees it
+            full = gather_full_state(tr)   # fsdp: every rank takes part in gathering the full tensors
+            ckpt = distributed.on_main(lambda: save_checkpoint(tr, run_dir, done, log_line=m, full=full))   # then every rank sees it
             m.update(score_checkpoint(tr, run_dir, ckpt))
         if main:
             append_jsonl(metrics_path, m)
