@@ -10,6 +10,11 @@ Backend: gloo for CPU tensors always; with CUDA present the group is "cpu:gloo,c
 DDP's gradient buckets, go over NCCL; the small objects gathered here stay on the CPU over gloo). Collectives
 time out after HARNESS_DIST_TIMEOUT_S seconds (default 1800): a rank that dies makes torchrun end every rank,
 and a rank stuck in a collective fails with torch's timeout error instead of hanging.
+
+Strategies: ddp (wrap_ddp: replicas, gradients all-reduced as a sum) and fsdp (wrap_fsdp: FSDP2 fully_shard,
+gradients reduce-scattered as a sum). Under fsdp every forward is a collective (all-gathers), so all ranks must
+run the same forwards; checkpoints gather full tensors (full_state_dict, full_optimizer_state) so that they have
+the one-process format and resume at any world size.
 """
 from __future__ import annotations
 
@@ -267,13 +272,9 @@ def wrap_fsdp(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(module, FSDPModule)
-
-
-def local_value(t: torch.Tensor) -> torch.Tensor:
-    """A replicated DTensor (e.g. clip_grad_norm_'s global norm over sharded gradients) as a plain tensor."""
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor as a plain full tensor (a collective for a sharded one; clip_grad_norm_'s global norm over sharded
+    gradients is replicated, so it costs nothing); a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 

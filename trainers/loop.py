@@ -462,7 +462,7 @@ def train_step(tr: Trainer, step: int) -> dict:
                 (logp.sum() * 0.0).backward()
         params = [p for p in bb.module.parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-        stats["grad_norm"].append(float(distributed.local_value(gn)))   # fsdp: the global norm, replicated
+        stats["grad_norm"].append(float(distributed.full_tensor(gn)))   # fsdp: the global norm, replicated
         tr.optimizer.step()
         tr.scheduler.step()
     tr.update_ema()
