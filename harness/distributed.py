@@ -295,7 +295,9 @@ def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]
     here, since safetensors' load orders keys differently in each process)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
     ordered = {k: state[k] for k in sorted(state)}
-    set_model_state_dict(module, ordered, options=_full_options(strict=strict))
+    result = set_model_state_dict(module, ordered, options=_full_options(strict=strict))
+    if result.unexpected_keys:   # strict=False (a file of the trainable weights only) still refuses foreign keys
+        raise ValueError(f"keys not in the model, e.g. {sorted(result.unexpected_keys)[:4]}")
 
 
 def _optimizer_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -4,7 +4,9 @@ one process, and its checkpoints (full tensors, the one-process format) resume a
 How close (the same bounds as tests/test_distributed.py for ddp): rollout codes and reward-derived numbers exactly
 equal; losses, ratios, KL, grad norm within 1e-5 relative / 1e-6 absolute; weights after K updates within 1e-6.
 The tiny backbone has 2 blocks here, so each block and the root are separate FSDP units; beta_kl > 0, so the frozen
-KL reference is sharded too. Three torchrun launches of ~5-10 s each on 2 cores.
+KL reference is sharded too. An MMaDA replica (the LLaDA transformer of the 8B backbones) is sharded the same way:
+forward, gradients, ML-Cache methods and its full-fine-tuning checkpoint. Four torchrun launches of ~5-10 s each
+on 2 cores (~50 s in all).
 """
 from __future__ import annotations
 
@@ -130,20 +132,36 @@ def test_fsdp_checkpoints_resume_across_world_sizes(tmp_path):
     assert read_trainer_state(RunDir(up).checkpoint_path(3) / "trainer_state.pt")["world_size"] == 2
 
 
-def llada_worker(replica: str, out: str) -> None:
-    """An MMaDA replica (LLaDA transformer) sharded by wrap_fsdp under torchrun, or whole in this process: logits,
-    the summed gradient of a loss over this rank's half of a batch (divided by the global count), ML-Cache logits
-    (methods other than forward, registered with FSDP), and the full-weights file the trainer would save (the
-    adapter-file format full fine-tuning of a LLaDA backbone writes). With gradient checkpointing, as 8B runs use."""
+def replica_trainer(replica: str):
+    """A Trainer around an MMaDA replica (LLaDA transformer) for full fine-tuning, sharded under torchrun: what
+    save_checkpoint and load_checkpoint use (no method, reward or sampler; train_step needs real scorers)."""
     from harness import distributed
     from harness.backbones.mmada import load_mmada
-    from trainers.loop import GatheredWeights
+    from trainers.config import TrainConfig
+    from trainers.loop import Trainer
+    cfg = TrainConfig.model_validate({"backbone": {"name": "mmada", "checkpoint": replica, "dtype": "float32",
+                                                   "options": {"resolution": 64}}})
+    bb = load_mmada(replica, dtype="float32", resolution=64)
+    bb.module.gradient_checkpointing = True   # blocks recomputed in backward, inside their FSDP units
+    strategy = "single"
+    if distributed.active():
+        distributed.wrap_fsdp(bb.module)
+        strategy = "fsdp"
+    optimizer = torch.optim.AdamW(bb.module.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    return Trainer(cfg, bb, None, None, optimizer, scheduler, None, None, strategy=strategy)
+
+
+def llada_worker(replica: str, out: str, run_dir: str) -> None:
+    """The replica trainer under torchrun (or in this process): logits, the summed gradient of a loss over this
+    rank's half of a batch (divided by the global count), ML-Cache logits (methods other than forward, registered
+    with FSDP), then one AdamW update and its checkpoint (rank 0 writes it from the gathered full tensors)."""
+    from harness import distributed
+    from trainers.loop import gather_full_state, save_checkpoint
     torch.set_num_threads(1)
     with distributed.session():
-        bb = load_mmada(replica, dtype="float32", resolution=64)
-        bb.module.gradient_checkpointing = True   # blocks recomputed in backward, inside their FSDP units
-        if distributed.active():
-            distributed.wrap_fsdp(bb.module)
+        tr = replica_trainer(replica)
+        bb = tr.backbone
         prompts = bb.tokenize(["a red cube", "two blue balls", "a green cone on a box", "one cat"])
         codes = torch.randint(0, bb.CODEBOOK_SIZE, (4, 16), generator=torch.Generator().manual_seed(0))
         codes[:, ::3] = -1
@@ -155,11 +173,9 @@ def llada_worker(replica: str, out: str) -> None:
         with torch.no_grad():
             refresh, state = bb.image_logits_ml_cache(mine, codes[lo:hi], None, compute_ratio=0.5)
             cached, _ = bb.image_logits_ml_cache(mine, codes[lo:hi].clamp(min=0), state, compute_ratio=0.5)
-        weights = distributed.full_state_dict(bb.module) if distributed.active() else None
-        if distributed.is_main():
-            if weights is not None:   # what save_checkpoint writes under fsdp: the one-process file
-                bb.module = GatheredWeights(weights, bb.module)
-            bb.save(Path(out).with_suffix(".safetensors"))
+        tr.optimizer.step()
+        full = gather_full_state(tr)
+        distributed.on_main(lambda: save_checkpoint(tr, Path(run_dir), 1, full=full))
         gathered = [distributed.gather_tensors(t.detach()) for t in (logits, refresh, cached)]
         if distributed.is_main():
             torch.save({"logits": gathered, "grads": grads}, out)
@@ -168,19 +184,32 @@ def llada_worker(replica: str, out: str) -> None:
 def test_fsdp_shards_a_llada_replica_like_one_process(tmp_path):
     from harness.backbones.replicas import make_mmada_replica
     from harness.checkpoint import load_weights
-    replica = make_mmada_replica(tmp_path / "mmada", seed=1, d_model=16, n_layers=2)
-    llada_worker(str(replica), str(tmp_path / "one.pt"))
-    torchrun(sys.executable, __file__, "llada", replica, tmp_path / "two.pt")
+    from harness.runs import RunDir
+    from trainers.loop import load_checkpoint, read_trainer_state
+    replica = str(make_mmada_replica(tmp_path / "mmada", seed=1, d_model=16, n_layers=2))
+    llada_worker(replica, str(tmp_path / "one.pt"), str(tmp_path / "run1"))
+    torchrun(sys.executable, __file__, "llada", replica, tmp_path / "two.pt", tmp_path / "run2")
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for a, b in zip(one["logits"], two["logits"]):   # forward, ML-Cache refresh, ML-Cache step
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert one["grads"].keys() == two["grads"].keys()
     for n, g in one["grads"].items():
         assert torch.allclose(g, two["grads"][n], rtol=1e-5, atol=1e-7), n
-    w1, m1 = load_weights(tmp_path / "one.safetensors")
-    w2, m2 = load_weights(tmp_path / "two.safetensors")
-    assert m1 == m2 and w1.keys() == w2.keys()
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    # the checkpoints: the adapter-file format full fine-tuning of a LLaDA backbone writes, every weight in it
+    c1, c2 = RunDir(tmp_path / "run1").checkpoint_path(1), RunDir(tmp_path / "run2").checkpoint_path(1)
+    (w1, m1), (w2, m2) = load_weights(c1 / "adapter.safetensors"), load_weights(c2 / "adapter.safetensors")
+    assert m1.keys() == m2.keys() and w1.keys() == w2.keys() and len(w1) == len(one["grads"])
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= WTOL
+    # the 2-process checkpoint resumes in one process: weights and optimizer state as the one-process run has them
+    tr = replica_trainer(replica)
+    assert load_checkpoint(tr, c2) == 1
+    assert max(float((w1[n] - p.detach()).abs().max()) for n, p in tr.backbone.module.named_parameters()) <= WTOL
+    s1 = read_trainer_state(c1 / "trainer_state.pt")["optimizer"]["state"]
+    loaded = tr.optimizer.state_dict()["state"]
+    assert s1.keys() == loaded.keys()
+    for i in s1:
+        for key in s1[i]:
+            assert torch.allclose(s1[i][key], loaded[i][key], rtol=1e-4, atol=1e-9), (i, key)
 
 
 def test_fsdp_with_lora_is_a_clear_error():
@@ -194,4 +223,4 @@ def test_fsdp_with_lora_is_a_clear_error():
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
 if __name__ == "__main__" and sys.argv[1:2] == ["llada"]:
-    llada_worker(sys.argv[2], sys.argv[3])
+    llada_worker(sys.argv[2], sys.argv[3], sys.argv[4])

@@ -647,6 +647,10 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> int:
         distributed.load_full_state_dict(tr.backbone.module, weights, strict=weights_path.name == MODEL_FILE)
     elif weights_path.name == MODEL_FILE:
         tr.backbone.module.load_state_dict(weights)
+    elif tr.cfg.backbone.lora is None:   # full fine-tuning of a LLaDA backbone: every trainable weight, no buffers
+        unexpected = tr.backbone.module.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{weights_path}: keys not in the model, e.g. {unexpected[:4]}")
     else:
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(tr.backbone.module, weights)
