@@ -342,7 +342,9 @@ def generate_cmd(prompt: str = typer.Option(..., help="the text prompt"),
 @clean_errors
 def eval_cmd(suite: str = typer.Option(..., help="suite name(s), comma-separated, or 'all' (every suite of --backbone)"),
              checkpoint: Optional[str] = typer.Option(None, help="weights file or checkpoint folder"),
-             run: Optional[Path] = typer.Option(None, help="a run folder: evaluates every checkpoints/step_*/"),
+             run: Optional[Path] = typer.Option(None, "--run", "--run-dir",
+                                                help="a run folder: evaluates every checkpoints/step_*/ (--run-dir "
+                                                     "under torchrun, whose parser reads --run as its --run-path)"),
              images: Optional[Path] = typer.Option(None, help="images made elsewhere, in the suite's official layout"),
              store: Optional[Path] = typer.Option(None, help="results store (default $HARNESS_STORE or results/store.sqlite)"),
              out: Optional[Path] = typer.Option(None, help="root of the image folders, the cache (default: a run's "

@@ -239,6 +239,32 @@ def test_docs_commands_parse():
                 load_suite(name)
 
 
+def test_docs_first_commands_run_as_written(tmp_path):
+    """The doc's torchrun train + eval and its accelerate resume, exactly as written, from a repository-like folder:
+    2 processes each (the accelerate line too: its checkpoint records world_size 2); the eval is sharded."""
+    from harness.runs import RunDir
+    from trainers.loop import read_trainer_state
+    lines = [line for line in doc_commands() if line.startswith(("torchrun --standalone --nproc-per-node 2",
+                                                                  "accelerate launch"))]
+    assert len(lines) == 3, lines
+    work = tmp_path / "repo"
+    (work / "harness").mkdir(parents=True)
+    (work / "configs").symlink_to(ROOT / "configs")
+    (work / "harness" / "assets").symlink_to(ROOT / "harness" / "assets")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    for var in ("HARNESS_STORE", "WORLD_SIZE", "RANK"):
+        env.pop(var, None)
+    for line in lines:
+        out = subprocess.run(line, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, (line, out.stdout[-2000:], out.stderr[-2000:])
+    run = RunDir(work / "runs" / "ht2")
+    states = [read_trainer_state(c.trainer_state) for c in run.checkpoints()]
+    assert [(s["world_size"], s["strategy"]) for s in states] == [(2, "ddp"), (2, "ddp")]   # steps 2 and 3
+    with sqlite3.connect(work / "results" / "store.sqlite") as conn:
+        rows = conn.execute("SELECT step, provenance_json FROM evaluations WHERE suite = 'shapes-geneval'").fetchall()
+    assert [(step, json.loads(p)["world_size"]) for step, p in rows] == [(2, 2)]   # the eval line, sharded
+
+
 def test_uneven_prompts_and_fsdp_are_clear_errors(monkeypatch):
     from harness import distributed
     from trainers.config import TrainConfig
