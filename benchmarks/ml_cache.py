@@ -1,7 +1,7 @@
 """Lumina-DiMOO's ML-Cache (sampler cache: ml-cache) against the uncached sampler on a random Lumina-DiMOO: speed-up
 and image difference, measured side by side in one process (issue 18 item 4).
 
-    python benchmarks/ml_cache.py                      # CPU: 4 of 32 blocks at d 1024, 256x256 px, 64 steps, ~4 min
+    python benchmarks/ml_cache.py                      # CPU: 4 of 32 blocks at d 1024, 256x256 px, 64 steps, ~3 min
     python benchmarks/ml_cache.py --size smoke         # tests: the same code path at toy size
     python benchmarks/ml_cache.py --size full --device cuda --out DIR    # official shapes (8B, bf16, 1536x768)
 

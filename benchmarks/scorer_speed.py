@@ -4,7 +4,7 @@ transformers / mmdet classes the evaluators load) at the official shapes and ran
 the cost of the real arithmetic, not of real scores. Each row also checks that the batched path computes what the
 one-image path computes (max |batched - one| of the scores, within float tolerance; the script fails otherwise).
 
-    python benchmarks/scorer_speed.py                  # CPU; Qwen2-VL's LLM at 2 of 28 blocks (--llm-layers), minutes
+    python benchmarks/scorer_speed.py                  # CPU; Qwen2-VL's LLM at 2 of 28 blocks, ~10 min on 2 cores
     python benchmarks/scorer_speed.py --smoke          # tests: tiny widths, same code path, seconds
     python benchmarks/scorer_speed.py --device cuda --llm-layers 0 --out DIR    # GPU, full depth (0 = official)
 
