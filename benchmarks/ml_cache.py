@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/real_size.py
 
 from harness.backbones.base import concat_prompts  # noqa: E402
 from harness.sampling import refresh_steps, sample, sampler_config  # noqa: E402
@@ -65,21 +66,13 @@ def build(size: Size, device: torch.device, tmp: Path, seed: int = 0):
     from diffusers import VQModel
     from transformers import AutoTokenizer
     from harness.backbones import lumina_dimoo
-    from harness.backbones.llada import LLaDA, LLaDAConfig
+    from harness.backbones.llada import LLaDAConfig
     from harness.backbones.replicas import write_word_tokenizer
+    from real_size import random_llada
     config = LLaDAConfig(d_model=size.d_model, n_layers=size.layers, n_heads=size.n_heads,
                          mlp_hidden_size=size.mlp_hidden, embedding_size=lumina_dimoo.LOGIT_WIDTH, rope_theta=500000.0)
-    dtype = getattr(torch, size.dtype)
-    with torch.device("meta"):
-        module = LLaDA(config).to(dtype)
-    module = module.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, size.d_model ** -0.5, generator=gen)
+    # std 1/sqrt(d) rather than real_size's 0.02, so that the logits depend on the inputs
+    module = random_llada(config, device, getattr(torch, size.dtype), seed=seed, std=size.d_model ** -0.5)
     module.eval()
     write_word_tokenizer(tmp / "tok", {"<system>": 2001, "</system>": 2002, "<user>": 2003, "</user>": 2004,
                                        "<uncondition>": lumina_dimoo.UNCONDITION})

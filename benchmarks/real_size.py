@@ -115,8 +115,9 @@ def llada_config(name: str, size: Size, layers: int | None):
                    n_layers=layers or size.layers or c.n_layers)
 
 
-def random_llada(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Meta-device construction, then storage on `device` in `dtype`, filled in place (no fp32 copy of 8B)."""
+def random_llada(config, device: torch.device, dtype: torch.dtype, seed: int = 0, std: float = 0.02):
+    """Meta-device construction, then storage on `device` in `dtype`, filled in place (no fp32 copy of 8B): norms
+    1, every other weight normal(0, std)."""
     from harness.backbones.llada import LLaDA
     with torch.device("meta"):
         model = LLaDA(config).to(dtype)
@@ -127,7 +128,7 @@ def random_llada(config, device: torch.device, dtype: torch.dtype, seed: int = 0
             if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                p.normal_(0.0, std, generator=gen)
     return model
 
 
