@@ -104,6 +104,10 @@ def session():
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     try:
         yield
+        # every rank is done before any rank tears the group down: a rank that destroyed it while a peer still had
+        # a collective in flight aborted in gloo at exit ("terminate called without an active exception"). Not on
+        # an error: torchrun ends the peers of a failed rank, and a barrier would only make them wait.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
